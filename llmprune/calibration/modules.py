@@ -1,0 +1,83 @@
+"""Finding decoder blocks and the prunable Linears inside them, for any architecture.
+
+No ``model.model.layers``: blocks are the modules whose class is in ``model._no_split_modules``
+(transformers' own list of blocks that must stay on one device), falling back to the longest
+``nn.ModuleList`` of identical modules. GPT-2's ``Conv1D`` stores weights as (in, out); it is
+transposed here, once, so solvers always see (out, in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from llmprune.errors import ConfigError
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """Return (prefix, blocks): the ModuleList path (e.g. ``model.layers``) and its blocks in order."""
+    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(m).__name__ for m in module}
+        if len(kinds) != 1:
+            continue
+        matches = kinds <= block_types
+        if best is None or (matches, len(module)) > (type(best[1][0]).__name__ in block_types, len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ConfigError(
+            f"could not find decoder blocks in {type(model).__name__}: no nn.ModuleList of identical blocks. "
+            "llmprune supports transformer causal LMs whose blocks sit in one ModuleList."
+        )
+    return best[0], list(best[1])
+
+
+def prunable_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Linears (and Conv1Ds) of a block by their name relative to the block, in definition order."""
+    return {name: m for name, m in block.named_modules() if name and is_prunable(m)}
+
+
+@dataclass
+class WeightView:
+    """A prunable module seen as an (out, in) matrix, whatever its storage layout."""
+
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        return _is_conv1d(self.module)
+
+    def read(self) -> Tensor:
+        """fp32 copy of the weight as (out, in)."""
+        w = self.module.weight.detach()
+        return (w.t() if self.transposed else w).to(torch.float32).clone()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        w = self.module.weight
+        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+
+    @torch.no_grad()
+    def write(self, keep: Tensor, new_weight: Tensor | None = None) -> None:
+        """Store ``new_weight`` (if any) and set pruned entries to exact +0.0 (masked_fill, not a product)."""
+        param = self.module.weight
+        pruned = ~keep.to(param.device)
+        if self.transposed:
+            pruned = pruned.t()
+            new_weight = None if new_weight is None else new_weight.t()
+        if new_weight is not None:
+            param.copy_(new_weight.to(param.dtype))
+        param.masked_fill_(pruned, 0.0)

@@ -1,0 +1,594 @@
+"""Recipes: one YAML file that says everything a run does, and reproduces it.
+
+A recipe uses the vocabulary of the CLI flags and of ``llmprune.api.prune`` (``num_calibration_samples``
+here is ``--num_calibration_samples`` there). Precedence is CLI > recipe > defaults; the resolved recipe
+is saved with every output, and loading it back gives the same run.
+
+.. code-block:: yaml
+
+    version: 1
+    model: {name: smollm2-135m}
+    calibration: {dataset: null, num_calibration_samples: 128, max_seq_length: 2048, seed: 0}
+    prune:
+      method: sparsegpt
+      sparsity: "2:4"            # keep 2 of every 4 (quote it: YAML 1.1 reads 2:4 as 124)
+      ignore: [down_proj]
+      overrides: {"re:layers\\.0\\.": 0.3}
+      options: {block_size: 128}
+    recover: {method: perp, recover_steps: 200}
+    eval: {tasks: [llmprune_mc], eval_limit: 32}
+    output_dir: out/sparsegpt-2of4
+
+Recipes are data, never code: they are read with a safe loader, can name only registered solvers,
+and anything that looks like an import path (``pkg.mod:fn``) or a ``!!python`` tag is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmprune.errors import ConfigError, did_you_mean
+from llmprune.spec import ModuleSelection, SparsitySpec
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+#: recovery methods a recipe may name (llmprune.recovery); None = no recovery
+RECOVERY_METHODS = ("perp", "lift")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # pkg.mod:attr
+
+
+# --------------------------------------------------------------------------- value checks
+def _fail(where: str, msg: str) -> ConfigError:
+    return ConfigError(f"recipe {where}: {msg}")
+
+
+def _int(where: str, value: Any, minimum: int | None = None, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(where, f"expected an integer, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise _fail(where, f"must be >= {minimum}, got {value}.")
+    return value
+
+
+def _float(where: str, value: Any, optional: bool = False, positive: bool = True) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise _fail(where, f"expected a number, got {value!r}.")
+    if positive and value <= 0:
+        raise _fail(where, f"must be > 0, got {value}.")
+    return float(value)
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(where, f"expected true or false, got {value!r}.")
+    return value
+
+
+def _str(where: str, value: Any, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, f"expected a non-empty string, got {value!r}.")
+    _check_not_code(where, value)
+    return value
+
+
+def _str_list(where: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):  # `targets: q_proj` is a list of one
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _fail(where, f"expected a list of strings, got {value!r}.")
+    return [_str(f"{where}[{i}]", v, optional=False) for i, v in enumerate(value)]
+
+
+def _mapping(where: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(where, f"expected a mapping (key: value), got {value!r}.")
+    return dict(value)
+
+
+def _check_not_code(where: str, value: str) -> None:
+    """Recipes are data: refuse what only makes sense as a reference to code."""
+    if "!!python" in value or (_IMPORT_PATH.match(value) and not value.startswith("re:")):
+        raise _fail(
+            where,
+            f"{value!r} looks like a Python import path or tag; recipes never load code. Name a registered "
+            "method instead (register a new solver with @llmprune.register_solver).",
+        )
+
+
+def _canonical_sparsity(where: str, value: Any) -> float | str:
+    """0.5, "0.5" and "50%" are all 0.5; N:M stays a string "2:4" (so YAML keeps it quoted)."""
+    try:
+        spec = SparsitySpec.parse(value)
+    except ConfigError as exc:
+        raise _fail(where, str(exc)) from None
+    return str(spec.pattern) if spec.pattern else spec.sparsity
+
+
+def _method(where: str, value: Any):
+    from llmprune.registry import available_solvers, get_solver
+
+    name = _str(where, value, optional=False)
+    if ("." in name or ":" in name) and name not in available_solvers():
+        raise _fail(
+            where,
+            f"{name!r} is not a registered method and recipes never import code; registered methods: "
+            f"{', '.join(available_solvers())}.",
+        )
+    try:
+        return get_solver(name)
+    except ConfigError as exc:
+        raise _fail(where, str(exc)) from None
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    name: str = "smollm2-135m"  # Hub id, local folder, .gguf file or the embedded default
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _str("model.name", self.name, optional=False)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise _fail("model.dtype", f"use float32, bfloat16 or float16, got {self.dtype!r}.")
+        _str("model.device", self.device, optional=False)
+
+
+@dataclass
+class CalibrationSection:
+    dataset: str | None = None  # None = the built-in public-domain calibration text
+    num_calibration_samples: int = 128
+    max_seq_length: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _str("calibration.dataset", self.dataset)
+        _int("calibration.num_calibration_samples", self.num_calibration_samples, 1)
+        _int("calibration.max_seq_length", self.max_seq_length, 2)
+        _int("calibration.seed", self.seed, 0)
+
+
+@dataclass
+class PruneSection:
+    method: str = "wanda"
+    sparsity: float | str = 0.5  # fraction, or "N:M" = keep N of every M
+    targets: list[str] = field(default_factory=list)  # empty = every Linear inside the decoder blocks
+    ignore: list[str] = field(default_factory=list)
+    overrides: dict[str, float | str] = field(default_factory=dict)  # name / suffix / "re:…" -> sparsity
+    true_sequential: bool = False
+    batch_size: int = 8
+    options: dict[str, Any] = field(default_factory=dict)  # the solver's keyword options
+
+    def __post_init__(self) -> None:
+        solver = _method("prune.method", self.method)
+        self.sparsity = _canonical_sparsity("prune.sparsity", self.sparsity)
+        self.targets = _str_list("prune.targets", self.targets)
+        self.ignore = _str_list("prune.ignore", self.ignore)
+        self.overrides = {
+            _str("prune.overrides", k, optional=False): _canonical_sparsity(f"prune.overrides[{k!r}]", v)
+            for k, v in _mapping("prune.overrides", self.overrides).items()
+        }
+        try:
+            ModuleSelection.build(self.sparsity, self.targets, self.ignore, self.overrides)  # regexes
+        except ConfigError as exc:
+            raise _fail("prune", str(exc)) from None
+        _bool("prune.true_sequential", self.true_sequential)
+        _int("prune.batch_size", self.batch_size, 1)
+        self.options = _mapping("prune.options", self.options)
+        for key, value in self.options.items():
+            if isinstance(value, str):
+                _str(f"prune.options.{key}", value)
+        try:
+            solver.check_options(self.options)
+        except ConfigError as exc:
+            raise _fail("prune.options", str(exc)) from None
+
+
+@dataclass
+class RecoverSection:
+    method: str | None = None  # perp | lift | None (no recovery)
+    recover_steps: int = 100
+    recover_max_seconds: float | None = None
+    lr: float = 2e-4
+    dataset: str | None = None  # None = the calibration dataset
+    num_samples: int = 256
+    max_seq_length: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific (rank, alpha, …)
+
+    def __post_init__(self) -> None:
+        if self.method is not None:
+            name = _str("recover.method", self.method, optional=False)
+            if name not in RECOVERY_METHODS:
+                raise _fail(
+                    "recover.method",
+                    f"unknown recovery method {name!r}{did_you_mean(name, RECOVERY_METHODS)}; use one of "
+                    f"{', '.join(RECOVERY_METHODS)}, or null for none.",
+                )
+        _int("recover.recover_steps", self.recover_steps, 0)
+        _float("recover.recover_max_seconds", self.recover_max_seconds, optional=True)
+        self.lr = _float("recover.lr", self.lr)
+        _str("recover.dataset", self.dataset)
+        _int("recover.num_samples", self.num_samples, 1)
+        _int("recover.max_seq_length", self.max_seq_length, 2)
+        _int("recover.batch_size", self.batch_size, 1)
+        _int("recover.seed", self.seed, 0)
+        self.options = _mapping("recover.options", self.options)
+        for key, value in self.options.items():
+            if isinstance(value, str):
+                _str(f"recover.options.{key}", value)
+
+
+@dataclass
+class EvalSection:
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks; empty = perplexity only
+    include_path: str | None = None  # extra folder of lm-eval task YAMLs
+    num_fewshot: int = 0
+    limit: int | float | None = None  # lm-eval: documents per task (int) or a fraction
+    eval_dataset: str | None = None  # perplexity text; None = the built-in held-out text
+    eval_limit: int | None = None  # perplexity: this many evenly spaced windows (None = all)
+    max_seq_length: int | None = None  # perplexity window; None = calibration.max_seq_length, at most 2048
+    batch_size: int | None = None  # None = prune.batch_size
+
+    def __post_init__(self) -> None:
+        self.tasks = _str_list("eval.tasks", self.tasks)
+        _str("eval.include_path", self.include_path)
+        _int("eval.num_fewshot", self.num_fewshot, 0)
+        if isinstance(self.limit, float):  # lm-eval: a float below 1 is a fraction of each task
+            if not 0 < self.limit < 1:
+                raise _fail(
+                    "eval.limit", f"use a count (integer >= 1) or a fraction in (0, 1), got {self.limit}."
+                )
+        else:
+            _int("eval.limit", self.limit, 1, optional=True)
+        _str("eval.eval_dataset", self.eval_dataset)
+        _int("eval.eval_limit", self.eval_limit, 1, optional=True)
+        _int("eval.max_seq_length", self.max_seq_length, 2, optional=True)
+        _int("eval.batch_size", self.batch_size, 1, optional=True)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "calibration": CalibrationSection,
+    "prune": PruneSection,
+    "recover": RecoverSection,
+    "eval": EvalSection,
+}
+_TOP_KEYS = ("version", *_SECTIONS, "output_dir")
+
+
+def _section_keys(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    hint = did_you_mean(key, known)
+    if not hint:
+        homes = [s for s, cls in _SECTIONS.items() if key in _section_keys(cls)]
+        hint = f" (`{key}` belongs under `{homes[0]}:`)" if homes else ""
+    return _fail(where, f"unknown key {key!r}{hint}; known keys: {', '.join(known)}.")
+
+
+def _build_section(name: str, data: Any):
+    cls = _SECTIONS[name]
+    if name == "model" and isinstance(data, str):  # `model: smollm2-135m`
+        data = {"name": data}
+    data = _mapping(name, data)
+    known = _section_keys(cls)
+    for key in data:
+        if key not in known:
+            raise _unknown_key(name, str(key), known)
+    return cls(**data)
+
+
+# --------------------------------------------------------------------------- the recipe
+@dataclass
+class Recipe:
+    version: int = RECIPE_VERSION
+    model: ModelSection = field(default_factory=ModelSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    recover: RecoverSection = field(default_factory=RecoverSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.version) is not int or self.version != RECIPE_VERSION:
+            raise _fail(
+                "version", f"this llmprune reads recipe version {RECIPE_VERSION}, got {self.version!r}."
+            )
+        _str("output_dir", self.output_dir)
+
+    # ---- construction
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Recipe:
+        """Validate a parsed recipe; every problem is a ConfigError that names the fix."""
+        data = _mapping("top level", data)
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise _unknown_key("top level", str(key), list(_TOP_KEYS))
+        version = data.get("version", RECIPE_VERSION)
+        sections = {name: _build_section(name, data.get(name)) for name in _SECTIONS}
+        return cls(version=version, output_dir=data.get("output_dir"), **sections)
+
+    # ---- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        from llmprune import __version__
+
+        body = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+        return f"# llmprune {__version__} recipe (resolved: every value the run used)\n{body}"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``to_yaml()`` atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_yaml())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    # ---- overlays
+    def with_overrides(self, values: Mapping[str, Any]) -> Recipe:
+        """A new recipe with dotted keys replaced: ``{"prune.method": "wanda", "calibration.seed": 3}``.
+
+        ``prune.options.<key>`` and ``recover.options.<key>`` set one option; ``None`` values are
+        applied as given (use ``with_flags`` to skip flags the user did not pass).
+        """
+        data = self.to_dict()
+        for dotted, value in values.items():
+            parts = dotted.split(".")
+            if parts[0] not in _TOP_KEYS:
+                raise _unknown_key("override", parts[0], list(_TOP_KEYS))
+            if len(parts) == 1:
+                if parts[0] in _SECTIONS and not (parts[0] == "model" and isinstance(value, str)):
+                    raise _fail("override", f"{dotted!r} is a section: override one key, e.g. '{dotted}.…'.")
+                data[parts[0]] = {"name": value} if parts[0] == "model" else value
+                continue
+            if parts[0] not in _SECTIONS:
+                raise _fail("override", f"{parts[0]!r} has no sub-keys: write {parts[0]!r} alone.")
+            section, known = data[parts[0]], _section_keys(_SECTIONS[parts[0]])
+            if parts[1] not in known:
+                raise _unknown_key(parts[0], parts[1], known)
+            if len(parts) == 2:
+                section[parts[1]] = value
+            elif parts[1] == "options" and len(parts) == 3:
+                section["options"] = {**section["options"], parts[2]: value}
+            else:
+                raise _fail("override", f"cannot set {dotted!r}: only `<section>.options.<name>` nests.")
+        return Recipe.from_dict(data)
+
+    def with_flags(self, flags: Mapping[str, Any] | argparse.Namespace, command: str = "prune") -> Recipe:
+        """Overlay CLI flags the user actually gave (``None`` = not given) by flag name.
+
+        Flags that are not recipe keys (``func``, ``recipe``, ``json``, …) are skipped; ``option`` is a
+        list of ``KEY=VALUE`` solver options, merged over the recipe's.
+        """
+        if isinstance(flags, argparse.Namespace):
+            flags = vars(flags)
+        table = {**FLAG_KEYS, **FLAG_KEYS_BY_COMMAND.get(command, {})}
+        dotted: dict[str, Any] = {}
+        for flag, value in flags.items():
+            if value is None:
+                continue
+            if flag == "option":
+                dotted.update({f"prune.options.{k}": v for k, v in parse_options(value).items()})
+            elif flag == "tasks" and isinstance(value, str):
+                dotted["eval.tasks"] = [t.strip() for t in value.split(",") if t.strip()]
+            elif flag in table:
+                dotted[table[flag]] = value
+        return self.with_overrides(dotted)
+
+    # ---- what the parts of llmprune take
+    def prune_kwargs(self, with_output_dir: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``llmprune.api.prune(model, tokenizer, **kwargs)``.
+
+        ``output_dir`` is left out unless asked for: with recovery or evaluation to follow, the caller
+        saves once at the end, together with this recipe and the metrics.
+        """
+        p, c, m = self.prune, self.calibration, self.model
+        kwargs: dict[str, Any] = {
+            "method": p.method,
+            "sparsity": p.sparsity,
+            "dataset": c.dataset,
+            "num_calibration_samples": c.num_calibration_samples,
+            "max_seq_length": c.max_seq_length,
+            "seed": c.seed,
+            "targets": list(p.targets) or None,
+            "ignore": list(p.ignore) or None,
+            "overrides": dict(p.overrides) or None,
+            "true_sequential": p.true_sequential,
+            "batch_size": p.batch_size,
+            "device": m.device,
+            "dtype": m.dtype,
+        }
+        if with_output_dir:
+            kwargs["output_dir"] = self.output_dir
+        clash = set(p.options) & set(kwargs)
+        if clash:
+            raise _fail(
+                "prune.options", f"{sorted(clash)} are prune settings, not solver options: move them up."
+            )
+        return {**kwargs, **p.options}
+
+    def perplexity_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``llmprune.evaluation.perplexity.perplexity(model, tok, **kwargs)``."""
+        e = self.eval
+        return {
+            "dataset": e.eval_dataset,
+            "max_seq_length": e.max_seq_length or min(self.calibration.max_seq_length, 2048),
+            "limit": e.eval_limit,
+            "batch_size": e.batch_size or self.prune.batch_size,
+        }
+
+    def lm_eval_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``llmprune.evaluation.harness.lm_eval_scores(model, tok, **kwargs)``."""
+        e = self.eval
+        return {
+            "tasks": list(e.tasks),
+            "include_path": e.include_path,
+            "num_fewshot": e.num_fewshot,
+            "limit": e.limit,
+            "batch_size": e.batch_size or self.prune.batch_size,
+            "seed": self.calibration.seed,
+        }
+
+
+#: flag name -> recipe key, shared by every subcommand
+FLAG_KEYS: dict[str, str] = {
+    "model": "model.name",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "dataset": "calibration.dataset",
+    "num_calibration_samples": "calibration.num_calibration_samples",
+    "max_seq_length": "calibration.max_seq_length",
+    "seed": "calibration.seed",
+    "method": "prune.method",
+    "sparsity": "prune.sparsity",
+    "targets": "prune.targets",
+    "ignore": "prune.ignore",
+    "true_sequential": "prune.true_sequential",
+    "batch_size": "prune.batch_size",
+    "recover": "recover.method",
+    "recover_steps": "recover.recover_steps",
+    "recover_max_seconds": "recover.recover_max_seconds",
+    "lr": "recover.lr",
+    "tasks": "eval.tasks",
+    "include_path": "eval.include_path",
+    "num_fewshot": "eval.num_fewshot",
+    "limit": "eval.limit",
+    "eval_dataset": "eval.eval_dataset",
+    "eval_limit": "eval.eval_limit",
+    "eval_max_seq_length": "eval.max_seq_length",
+    "eval_batch_size": "eval.batch_size",
+    "output_dir": "output_dir",
+}
+#: where a flag means something else: `llmprune eval --batch_size` is the evaluation batch size
+FLAG_KEYS_BY_COMMAND: dict[str, dict[str, str]] = {
+    "eval": {
+        "max_seq_length": "eval.max_seq_length",
+        "batch_size": "eval.batch_size",
+        "output_path": "output_dir",
+    },
+}
+
+
+def parse_options(pairs: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """``["block_size=64", "update=true"]`` -> ``{"block_size": 64, "update": True}`` (YAML scalars)."""
+    if isinstance(pairs, Mapping):
+        return dict(pairs)
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}.")
+        out[key.strip()] = _load_yaml(value, f"--option {key.strip()}")
+    return out
+
+
+# --------------------------------------------------------------------------- YAML
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``2:4`` as a string (not the YAML 1.1 sexagesimal 124), ``1e-4`` as a
+    float (not a string), and refuses duplicate keys instead of keeping the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"recipe: key {key!r} is given twice (line {key_node.start_mark.line + 1})."
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_RecipeLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    _INT,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"),
+)
+_RecipeLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(
+            f"{where}: {exc.problem} ({exc.problem_mark}). Recipes are plain data: tags such as !!python/… "
+            "or !function are not allowed; name registered methods instead."
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+
+
+def recipe_from_yaml(text: str, where: str = "recipe") -> Recipe:
+    return Recipe.from_dict(_load_yaml(text, where))
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe file; nothing runs if anything in it is wrong.
+
+    >>> load_recipe("recipes/wanda-2of4.yaml").prune.sparsity  # doctest: +SKIP
+    '2:4'
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist: check the path (examples live in recipes/).")
+    try:
+        return recipe_from_yaml(path.read_text(encoding="utf-8"), where=f"recipe {path}")
+    except ConfigError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve_recipe(args: Mapping[str, Any] | argparse.Namespace, command: str = "prune") -> Recipe:
+    """CLI > recipe > defaults: the ``--recipe`` file (if any) with the flags the user gave on top."""
+    flags = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    base = load_recipe(flags["recipe"]) if flags.get("recipe") else Recipe()
+    return base.with_flags({k: v for k, v in flags.items() if k != "recipe"}, command=command)
