@@ -67,11 +67,15 @@ def prune(
     compute = resolve_device(device) if device not in (None, "auto") else next(model.parameters()).device
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and max_seq_length > max_len:
-        raise ConfigError(f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it.")
+        raise ConfigError(
+            f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
+        )
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    input_ids = calibration_tokens(dataset, tokenizer, num_calibration_samples, max_seq_length, seed, model=model)
+    input_ids = calibration_tokens(
+        dataset, tokenizer, num_calibration_samples, max_seq_length, seed, model=model
+    )
     result = PruneResult(
         method=method,
         sparsity=str(selection.default),

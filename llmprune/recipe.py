@@ -45,8 +45,6 @@ from llmprune.spec import ModuleSelection, SparsitySpec
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
-#: recovery methods a recipe may name (llmprune.recovery); None = no recovery
-RECOVERY_METHODS = ("perp", "lift")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # pkg.mod:attr
 
 
@@ -209,36 +207,62 @@ class PruneSection:
 
 @dataclass
 class RecoverSection:
+    """Keywords of ``llmprune.recovery.recover``; ``recover_steps``/``recover_max_seconds`` are its
+    ``steps``/``max_seconds`` (prefixed so the CLI flags are unambiguous). ``None`` data settings
+    fall back to the calibration section's."""
+
     method: str | None = None  # perp | lift | None (no recovery)
     recover_steps: int = 100
     recover_max_seconds: float | None = None
-    lr: float = 2e-4
-    dataset: str | None = None  # None = the calibration dataset
-    num_samples: int = 256
-    max_seq_length: int = 512
+    lr: float | None = None  # None = the method's measured default (llmprune.recovery.DEFAULT_LR)
+    mode: str = "retrain"  # retrain (causal-LM loss) | reconstruct (match the dense blocks)
     batch_size: int = 4
-    seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific (rank, alpha, …)
+    dataset: str | None = None  # training text; None = calibration.dataset
+    num_samples: int | None = None  # windows; None = calibration.num_calibration_samples
+    max_seq_length: int | None = None  # None = calibration.max_seq_length
+    seed: int | None = None  # None = calibration.seed
+    options: dict[str, Any] = field(
+        default_factory=dict
+    )  # method options (r, alpha, rank…) and optimiser knobs
 
     def __post_init__(self) -> None:
+        from llmprune.recovery import COMMON_OPTIONS, METHODS, MODES, method_options
+
         if self.method is not None:
             name = _str("recover.method", self.method, optional=False)
-            if name not in RECOVERY_METHODS:
+            if name not in METHODS:
                 raise _fail(
                     "recover.method",
-                    f"unknown recovery method {name!r}{did_you_mean(name, RECOVERY_METHODS)}; use one of "
-                    f"{', '.join(RECOVERY_METHODS)}, or null for none.",
+                    f"unknown recovery method {name!r}{did_you_mean(name, METHODS)}; use one of "
+                    f"{', '.join(METHODS)}, or null for none.",
                 )
-        _int("recover.recover_steps", self.recover_steps, 0)
+        _int("recover.recover_steps", self.recover_steps, 1)
         _float("recover.recover_max_seconds", self.recover_max_seconds, optional=True)
-        self.lr = _float("recover.lr", self.lr)
-        _str("recover.dataset", self.dataset)
-        _int("recover.num_samples", self.num_samples, 1)
-        _int("recover.max_seq_length", self.max_seq_length, 2)
+        _float("recover.lr", self.lr, optional=True)
+        if self.mode not in MODES:
+            raise _fail(
+                "recover.mode",
+                f"unknown mode {self.mode!r}{did_you_mean(str(self.mode), MODES)}: use {MODES}.",
+            )
         _int("recover.batch_size", self.batch_size, 1)
-        _int("recover.seed", self.seed, 0)
+        _str("recover.dataset", self.dataset)
+        _int("recover.num_samples", self.num_samples, 1, optional=True)
+        _int("recover.max_seq_length", self.max_seq_length, 2, optional=True)
+        _int("recover.seed", self.seed, 0, optional=True)
         self.options = _mapping("recover.options", self.options)
+        sections = {"steps", "max_seconds", *(f.name for f in fields(self))}
+        allowed = [o for o in COMMON_OPTIONS if o not in sections]
+        allowed += list(method_options(self.method)) if self.method else []
         for key, value in self.options.items():
+            if key in sections:
+                raise _fail(
+                    f"recover.options.{key}", f"set {key!r} in the recover section itself, not in options."
+                )
+            if self.method and key not in allowed:
+                raise _fail(
+                    "recover.options",
+                    f"unknown option {key!r}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}.",
+                )
             if isinstance(value, str):
                 _str(f"recover.options.{key}", value)
 
@@ -393,7 +417,8 @@ class Recipe:
         """Overlay CLI flags the user actually gave (``None`` = not given) by flag name.
 
         Flags that are not recipe keys (``func``, ``recipe``, ``json``, …) are skipped; ``option`` is a
-        list of ``KEY=VALUE`` solver options, merged over the recipe's.
+        list of ``KEY=VALUE`` solver options (recovery options for ``command="recover"``), merged over
+        the recipe's.
         """
         if isinstance(flags, argparse.Namespace):
             flags = vars(flags)
@@ -402,8 +427,9 @@ class Recipe:
         for flag, value in flags.items():
             if value is None:
                 continue
-            if flag == "option":
-                dotted.update({f"prune.options.{k}": v for k, v in parse_options(value).items()})
+            if flag == "option":  # solver options, or the recovery method's for `llmprune recover`
+                section = "recover" if command == "recover" else "prune"
+                dotted.update({f"{section}.options.{k}": v for k, v in parse_options(value).items()})
             elif flag == "tasks" and isinstance(value, str):
                 dotted["eval.tasks"] = [t.strip() for t in value.split(",") if t.strip()]
             elif flag in table:
@@ -449,7 +475,7 @@ class Recipe:
             "dataset": e.eval_dataset,
             "max_seq_length": e.max_seq_length or min(self.calibration.max_seq_length, 2048),
             "limit": e.eval_limit,
-            "batch_size": e.batch_size or self.prune.batch_size,
+            "batch_size": e.batch_size or 2,  # (B, L, vocab) logits dominate memory: keep B small
         }
 
     def lm_eval_kwargs(self) -> dict[str, Any]:
@@ -464,7 +490,43 @@ class Recipe:
             "seed": self.calibration.seed,
         }
 
+    def recover_windows_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``llmprune.calibration.data.calibration_tokens`` for the recovery windows."""
+        r, c = self.recover, self.calibration
+        return {
+            "source": r.dataset if r.dataset is not None else c.dataset,
+            "num_samples": r.num_samples or c.num_calibration_samples,
+            "seq_len": r.max_seq_length or c.max_seq_length,
+            "seed": c.seed if r.seed is None else r.seed,
+        }
 
+    def recover_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``llmprune.recovery.recover(model, input_ids=…, **kwargs)``.
+
+        Raises ConfigError when the recipe has no recovery method.
+        """
+        r = self.recover
+        if r.method is None:
+            raise _fail("recover.method", "no recovery method set: use perp or lift.")
+        return {
+            "method": r.method,
+            "steps": r.recover_steps,
+            "max_seconds": r.recover_max_seconds,
+            "lr": r.lr,
+            "mode": r.mode,
+            "batch_size": r.batch_size,
+            "seed": self.recover_windows_kwargs()["seed"],
+            **r.options,
+        }
+
+
+_RECOVER_TRAIN_FLAGS = (
+    "gradient_accumulation_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+)
 #: flag name -> recipe key, shared by every subcommand
 FLAG_KEYS: dict[str, str] = {
     "model": "model.name",
@@ -484,6 +546,7 @@ FLAG_KEYS: dict[str, str] = {
     "recover_steps": "recover.recover_steps",
     "recover_max_seconds": "recover.recover_max_seconds",
     "lr": "recover.lr",
+    "recover_mode": "recover.mode",
     "tasks": "eval.tasks",
     "include_path": "eval.include_path",
     "num_fewshot": "eval.num_fewshot",
@@ -500,6 +563,17 @@ FLAG_KEYS_BY_COMMAND: dict[str, dict[str, str]] = {
         "max_seq_length": "eval.max_seq_length",
         "batch_size": "eval.batch_size",
         "output_path": "output_dir",
+    },
+    # `llmprune recover` works on an already pruned model: its data and batch flags are the recovery's
+    "recover": {
+        "method": "recover.method",
+        "mode": "recover.mode",
+        "batch_size": "recover.batch_size",
+        "dataset": "recover.dataset",
+        "num_calibration_samples": "recover.num_samples",
+        "max_seq_length": "recover.max_seq_length",
+        "seed": "recover.seed",
+        **{k: f"recover.options.{k}" for k in _RECOVER_TRAIN_FLAGS},
     },
 }
 

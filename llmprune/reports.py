@@ -274,6 +274,7 @@ def write_report(
         from llmprune import __version__
 
         record = {"llmprune_version": __version__, **record}
+    record = _jsonable(record)  # the summary shows exactly what the JSON holds (NaN as –)
     written["results"] = write_json(out / "results.json", record)
     plot_names = [str(p) for k, p in written.items() if k != "results"]
     written["summary"] = write_text(out / "results.md", results_markdown(record, plot_names))

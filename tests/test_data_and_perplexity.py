@@ -26,7 +26,10 @@ def test_builtin_corpora_are_disjoint_and_nonempty():
 def test_local_files_and_folders(tmp_path):
     (tmp_path / "a.txt").write_text("first document\nwith two lines")
     (tmp_path / "b.txt").write_text("second document")
-    assert load_texts(str(tmp_path)) == ["first document\nwith two lines", "second document"]  # file = document
+    assert load_texts(str(tmp_path)) == [
+        "first document\nwith two lines",
+        "second document",
+    ]  # file = document
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"text": t}) for t in ["x y", "z w"]))
     assert load_texts(str(rows)) == ["x y", "z w"]
@@ -67,7 +70,9 @@ def test_token_tensor_and_self_sources(tiny_tokenizer):
     assert torch.equal(calibration_tokens(ids, None, 2, 5), ids[:2, :5])
     model = make_model("llama")
     gen = calibration_tokens("self", tiny_tokenizer, 2, 12, seed=0, model=model)
-    assert gen.shape == (2, 12) and torch.equal(gen, calibration_tokens("self", tiny_tokenizer, 2, 12, 0, model))
+    assert gen.shape == (2, 12) and torch.equal(
+        gen, calibration_tokens("self", tiny_tokenizer, 2, 12, 0, model)
+    )
 
 
 def test_perplexity_matches_hand_computation(tiny_tokenizer):

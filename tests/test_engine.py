@@ -16,8 +16,16 @@ PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 4)]
 
 def _prune(model, ids, **kw):
     kw.setdefault("method", "wanda")
-    return llmprune.prune(model, None, dataset=ids, num_calibration_samples=len(ids),
-                          max_seq_length=ids.shape[1], batch_size=2, progress=False, **kw)
+    return llmprune.prune(
+        model,
+        None,
+        dataset=ids,
+        num_calibration_samples=len(ids),
+        max_seq_length=ids.shape[1],
+        batch_size=2,
+        progress=False,
+        **kw,
+    )
 
 
 def _block_linears(model):
@@ -68,7 +76,10 @@ def test_block_by_block_replay_equals_full_forward(arch, token_ids):
         inputs = capture_block_inputs(model, blocks[0], token_ids, batch_size=3)
         assert torch.equal(torch.cat(inputs.hidden), full[0])
         for i, block in enumerate(blocks[:-1]):  # the last hidden state has the final norm applied
-            inputs.hidden = [call_block(block, h, a, k) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+            inputs.hidden = [
+                call_block(block, h, a, k)
+                for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+            ]
             torch.testing.assert_close(torch.cat(inputs.hidden), full[i + 1], rtol=1e-5, atol=1e-5)
 
 
@@ -86,10 +97,26 @@ def test_embeddings_norms_biases_and_lm_head_untouched(arch, token_ids):
 
 def test_same_seed_same_masks(token_ids):
     a, b = make_model("llama"), make_model("llama")
-    ra = llmprune.prune(a, None, dataset=token_ids, sparsity=0.5, seed=3, progress=False,
-                        num_calibration_samples=6, max_seq_length=24)
-    rb = llmprune.prune(b, None, dataset=token_ids, sparsity=0.5, seed=3, progress=False,
-                        num_calibration_samples=6, max_seq_length=24)
+    ra = llmprune.prune(
+        a,
+        None,
+        dataset=token_ids,
+        sparsity=0.5,
+        seed=3,
+        progress=False,
+        num_calibration_samples=6,
+        max_seq_length=24,
+    )
+    rb = llmprune.prune(
+        b,
+        None,
+        dataset=token_ids,
+        sparsity=0.5,
+        seed=3,
+        progress=False,
+        num_calibration_samples=6,
+        max_seq_length=24,
+    )
     assert ra.keep_masks.keys() == rb.keep_masks.keys()
     assert all(torch.equal(ra.keep_masks[k], rb.keep_masks[k]) for k in ra.keep_masks)
     assert ra.calibration_hash == rb.calibration_hash
@@ -131,8 +158,13 @@ def test_true_sequential_calibrates_on_pruned_inputs(token_ids):
 
 def test_overrides_targets_and_ignore(token_ids):
     model = make_model("llama")
-    result = _prune(model, token_ids, sparsity=0.5, ignore=["re:\\.1\\.mlp\\."],
-                    overrides={"o_proj": "2:4", "re:layers\\.0\\.mlp\\.down": 0.25})
+    result = _prune(
+        model,
+        token_ids,
+        sparsity=0.5,
+        ignore=["re:\\.1\\.mlp\\."],
+        overrides={"o_proj": "2:4", "re:layers\\.0\\.mlp\\.down": 0.25},
+    )
     assert result.modules["model.layers.0.self_attn.o_proj"].target == "2:4"
     assert result.modules["model.layers.0.mlp.down_proj"].sparsity == 0.25
     assert "model.layers.1.mlp.up_proj" not in result.modules

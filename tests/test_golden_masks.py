@@ -15,7 +15,9 @@ T, F = True, False
 
 def _problem(weight, spec, x=None):
     x = torch.ones(3, weight.shape[1]) if x is None else x
-    return LayerProblem("layer", weight, LayerStats.from_inputs(x, {"sq_norms", "hessian"}), SparsitySpec.parse(spec))
+    return LayerProblem(
+        "layer", weight, LayerStats.from_inputs(x, {"sq_norms", "hessian"}), SparsitySpec.parse(spec)
+    )
 
 
 def test_magnitude_per_matrix_golden():
@@ -56,14 +58,27 @@ def test_global_magnitude_allocation_golden():
 
 
 def test_global_magnitude_end_to_end(token_ids):
-    import llmprune
     from conftest import make_model
+
+    import llmprune
 
     model = make_model("llama")
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(1e-3)  # tiny weights: global pruning hits them first
-    result = llmprune.prune(model, None, method="magnitude", sparsity=0.5, scope="global", min_density=0.1,
-                            dataset=token_ids, num_calibration_samples=6, max_seq_length=24, progress=False)
+    result = llmprune.prune(
+        model,
+        None,
+        method="magnitude",
+        sparsity=0.5,
+        scope="global",
+        min_density=0.1,
+        dataset=token_ids,
+        num_calibration_samples=6,
+        max_seq_length=24,
+        progress=False,
+    )
     assert abs(result.overall_sparsity - 0.5) < 1e-3
-    assert result.modules["model.layers.0.mlp.down_proj"].sparsity == pytest.approx(0.9, abs=1 / 2048)  # floor
+    assert result.modules["model.layers.0.mlp.down_proj"].sparsity == pytest.approx(
+        0.9, abs=1 / 2048
+    )  # floor
     assert result.modules["model.layers.1.mlp.down_proj"].sparsity < 0.5

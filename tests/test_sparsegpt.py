@@ -323,6 +323,20 @@ def test_dead_columns_are_pruned_first_and_not_zeroed_otherwise():
     assert torch.equal(result.weight, w.masked_fill(~result.keep, 0.0))
 
 
+def test_dead_columns_need_no_damping(caplog):
+    """H_dd = 1 for dead channels makes H invertible without damping: no escalation, no warning."""
+    g = _gen(14)
+    x = _correlated_inputs(64, 8, g)
+    x[:, [0, 3]] = 0.0
+    w = torch.randn(4, 8, generator=g)
+    with caplog.at_level(logging.WARNING):
+        result = sparsegpt(_problem(w, x, 0.5), dampening_frac=0.0)
+    assert caplog.text == ""
+    h = _damped(LayerStats.from_inputs(x, {HESSIAN}).hessian, 0.0)
+    expected, _ = _reference_sparsegpt(w, h, fixed=result.keep)
+    torch.testing.assert_close(result.weight.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_indefinite_hessian_escalates_damping_with_a_warning(caplog):
     """An fp16-accumulated Hessian can be indefinite: eigenvalues 2.5 and -0.5 here, fixed by lam = 1."""
     h = torch.kron(torch.eye(4), torch.tensor([[1.0, 1.5], [1.5, 1.0]]))

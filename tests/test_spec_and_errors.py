@@ -10,15 +10,36 @@ from llmprune.errors import ConfigError, DataError, ModelLoadError
 from llmprune.spec import ModuleSelection, NMPattern, SparsitySpec
 
 
-@pytest.mark.parametrize("value,expected", [(0.5, 0.5), ("0.5", 0.5), ("50%", 0.5), (0, 0.0), ("2:4", 0.5),
-                                            ("1:4", 0.75), ("3:4", 0.25), ("4:8", 0.5)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (0.5, 0.5),
+        ("0.5", 0.5),
+        ("50%", 0.5),
+        (0, 0.0),
+        ("2:4", 0.5),
+        ("1:4", 0.75),
+        ("3:4", 0.25),
+        ("4:8", 0.5),
+    ],
+)
 def test_parse(value, expected):
     assert SparsitySpec.parse(value).sparsity == expected
 
 
-@pytest.mark.parametrize("value,fix", [(-0.1, "[0, 1)"), (1.0, "[0, 1)"), (50, "50 % is 0.5"), ("abc", "2:4"),
-                                       ("4:4", "0 < N < M"), ("0:4", "0 < N < M"), (float("nan"), "number"),
-                                       (True, "number")])
+@pytest.mark.parametrize(
+    "value,fix",
+    [
+        (-0.1, "[0, 1)"),
+        (1.0, "[0, 1)"),
+        (50, "50 % is 0.5"),
+        ("abc", "2:4"),
+        ("4:4", "0 < N < M"),
+        ("0:4", "0 < N < M"),
+        (float("nan"), "number"),
+        (True, "number"),
+    ],
+)
 def test_bad_sparsity(value, fix):
     with pytest.raises(ConfigError) as err:
         SparsitySpec.parse(value)
@@ -33,8 +54,15 @@ def test_nm_must_divide_width(token_ids):
     from conftest import make_model
 
     with pytest.raises(ConfigError, match="not divisible by M=5.*ignore"):
-        llmprune.prune(make_model("llama"), None, sparsity="3:5", dataset=token_ids, progress=False,
-                       num_calibration_samples=2, max_seq_length=8)
+        llmprune.prune(
+            make_model("llama"),
+            None,
+            sparsity="3:5",
+            dataset=token_ids,
+            progress=False,
+            num_calibration_samples=2,
+            max_seq_length=8,
+        )
 
 
 def test_unknown_method_suggests():
@@ -57,11 +85,22 @@ def test_empty_calibration_data(tiny_tokenizer):
 
     for empty in ([], ["", "   "]):
         with pytest.raises(DataError, match="no text"):
-            llmprune.prune(make_model("llama"), tiny_tokenizer, dataset=empty, progress=False,
-                           num_calibration_samples=2, max_seq_length=8)
+            llmprune.prune(
+                make_model("llama"),
+                tiny_tokenizer,
+                dataset=empty,
+                progress=False,
+                num_calibration_samples=2,
+                max_seq_length=8,
+            )
     with pytest.raises(DataError, match="non-empty"):
-        llmprune.prune(make_model("llama"), None, dataset=torch.zeros(0, 8, dtype=torch.long), progress=False,
-                       max_seq_length=8)
+        llmprune.prune(
+            make_model("llama"),
+            None,
+            dataset=torch.zeros(0, 8, dtype=torch.long),
+            progress=False,
+            max_seq_length=8,
+        )
 
 
 def test_too_long_window(token_ids):

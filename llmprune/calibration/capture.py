@@ -3,11 +3,21 @@
 A forward pre-hook with ``with_kwargs=True`` records the block's positional and keyword arguments
 (attention mask, position ids, rotary ``position_embeddings``, cache position, …) and stops the
 forward, so the engine can replay blocks one at a time exactly as the model calls them.
+
+Hidden states are the bulk of the calibration memory (samples x length x width per block boundary).
+When they exceed a budget they live in a :class:`DiskList`: one ``torch.save`` file per batch, read
+back memory-mapped, so only the batch being computed is resident.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,13 +28,71 @@ class _StopForward(Exception):
     """Raised by a hook once it has what it needs; the rest of the forward is skipped."""
 
 
+class DiskList:
+    """A list of tensors kept on disk, one file per entry, loaded memory-mapped on access.
+
+    Why files and not one big memmap: entries are replaced one batch at a time while later batches are
+    still being read, and a checkpoint can hard-link a finished entry's file instead of copying it.
+    Each replacement writes a new file and unlinks the old one, so a hard link elsewhere stays valid.
+    """
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self._owned = folder is None
+        self.folder = Path(tempfile.mkdtemp(prefix="llmprune-acts-") if folder is None else folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._paths: list[Path] = []
+
+    def _write(self, index: int, tensor: Tensor) -> Path:
+        path = self.folder / f"{index:06d}-{uuid.uuid4().hex[:8]}.pt"
+        torch.save(tensor.detach().cpu().contiguous(), path)
+        return path
+
+    def append(self, tensor: Tensor) -> None:
+        self._paths.append(self._write(len(self._paths), tensor))
+
+    def __setitem__(self, index: int, tensor: Tensor) -> None:
+        old, self._paths[index] = self._paths[index], self._write(index, tensor)
+        old.unlink(missing_ok=True)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return torch.load(self._paths[index], mmap=True, weights_only=True)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def path(self, index: int) -> Path:
+        return self._paths[index]
+
+    def close(self) -> None:
+        """Delete the files (and the folder if this list created it)."""
+        for p in self._paths:
+            p.unlink(missing_ok=True)
+        self._paths = []
+        if self._owned:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def activation_list(spill: bool, folder: str | os.PathLike | None = None) -> list | DiskList:
+    """An in-memory list, or a :class:`DiskList` under ``folder`` (a temporary folder if None)."""
+    if not spill:
+        return []
+    return DiskList(None if folder is None else Path(folder) / f"acts-{uuid.uuid4().hex[:8]}")
+
+
 @dataclass
 class BlockInputs:
-    """Per calibration batch: hidden states (B, L, d), extra positional args, keyword args."""
+    """Per calibration batch: hidden states (B, L, d), extra positional args, keyword args.
 
-    hidden: list[Tensor] = field(default_factory=list)
+    ``first_batch`` is the global index of ``hidden[0]``: a process may hold a contiguous share only.
+    """
+
+    hidden: list[Tensor] | DiskList = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    first_batch: int = 0
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -50,10 +118,26 @@ def move_outside_blocks(model: nn.Module, blocks_prefix: str, device: torch.devi
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: Tensor, batch_size: int) -> BlockInputs:
-    """Run the model on ``input_ids`` (N, L) batch by batch, stopping at the first block's input."""
-    captured = BlockInputs()
-    device = next(first_block.parameters()).device
+def capture_block_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    input_ids: Tensor,
+    batch_size: int,
+    *,
+    batches: range | None = None,
+    hidden: list | DiskList | None = None,
+    device: torch.device | None = None,
+) -> BlockInputs:
+    """Run the model on ``input_ids`` (N, L) batch by batch, stopping at the first block's input.
+
+    ``batches`` picks a contiguous range of batch indices (default: all); ``hidden`` is where the hidden
+    states go (default: a list). ``device`` defaults to the first block's; the block itself never runs,
+    so it may still be on the meta device.
+    """
+    num_batches = -(-input_ids.shape[0] // batch_size)
+    batches = range(num_batches) if batches is None else batches
+    captured = BlockInputs(hidden=[] if hidden is None else hidden, first_batch=batches.start)
+    device = device or next(first_block.parameters()).device
 
     def hook(_module, args, kwargs):
         if args:
@@ -68,8 +152,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: Te
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start : start + batch_size].to(device)
+        for b in batches:
+            batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:

@@ -46,7 +46,10 @@ def _hub_texts(name: str, split: str) -> list[str]:
     from datasets import load_dataset
 
     if name == "c4":
-        files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        files = {
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        }
         ds = load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
     elif name in ("wikitext2", "wikitext-2"):
         ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
@@ -58,7 +61,9 @@ def _hub_texts(name: str, split: str) -> list[str]:
 def _dataset_texts(ds: Any) -> list[str]:
     column = "text" if "text" in ds.column_names else None
     if column is None:
-        raise DataError(f"dataset has no 'text' column (columns: {ds.column_names}): rename the text column to 'text'.")
+        raise DataError(
+            f"dataset has no 'text' column (columns: {ds.column_names}): rename the text column to 'text'."
+        )
     return [t for t in ds[column] if t]
 
 
@@ -102,29 +107,33 @@ def load_texts(source: Any = None, split: str = "train") -> list[str]:
     elif hasattr(source, "column_names"):
         texts = _dataset_texts(source)
     else:
-        raise DataError(f"cannot use {type(source).__name__} as a text source: pass texts, a path or a dataset.")
+        raise DataError(
+            f"cannot use {type(source).__name__} as a text source: pass texts, a path or a dataset."
+        )
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise DataError(f"data source {source!r} holds no text: give at least one non-empty document.")
     return texts
 
 
-def sample_windows(
-    texts: list[str], tokenizer, num_samples: int, seq_len: int, seed: int = 0
-) -> Tensor:
+def sample_windows(texts: list[str], tokenizer, num_samples: int, seq_len: int, seed: int = 0) -> Tensor:
     """``(num_samples, seq_len)`` token windows the GPTQ way: random document, random offset, seeded.
 
     Documents shorter than a window are skipped; if none is long enough they are joined with blank
     lines into one stream first, so short-document corpora still work.
     """
     if num_samples < 1 or seq_len < 2:
-        raise DataError(f"need num_calibration_samples >= 1 and max_seq_length >= 2, got {num_samples}, {seq_len}.")
+        raise DataError(
+            f"need num_calibration_samples >= 1 and max_seq_length >= 2, got {num_samples}, {seq_len}."
+        )
     gen = torch.Generator().manual_seed(seed)
     cache: dict[int, Tensor] = {}
 
     def tokens(i: int) -> Tensor:
         if i not in cache:
-            cache[i] = torch.tensor(tokenizer(texts[i], add_special_tokens=False)["input_ids"], dtype=torch.long)
+            cache[i] = torch.tensor(
+                tokenizer(texts[i], add_special_tokens=False)["input_ids"], dtype=torch.long
+            )
         return cache[i]
 
     lengths = [len(t) for t in texts]  # characters bound tokens from above: skip hopeless documents
@@ -135,7 +144,8 @@ def sample_windows(
         cache.clear()
         if len(tokens(0)) <= seq_len:
             raise DataError(
-                f"calibration text holds {len(tokens(0))} tokens, fewer than one window of {seq_len}: give more "
+                f"calibration text holds {len(tokens(0))} tokens, fewer than one window of {seq_len}: "
+                "give more "
                 "text or lower max_seq_length."
             )
         long_docs = [0]
@@ -181,7 +191,9 @@ def calibration_tokens(
     """Resolve any source to ``(num_samples, seq_len)`` token ids."""
     if isinstance(source, Tensor):
         if source.dim() != 2 or source.numel() == 0:
-            raise DataError(f"token tensor must be (num_samples, seq_len) and non-empty, got {tuple(source.shape)}.")
+            raise DataError(
+                f"token tensor must be (num_samples, seq_len) and non-empty, got {tuple(source.shape)}."
+            )
         return source[:num_samples, :seq_len].long()
     if isinstance(source, str) and source == "self":
         if model is None:

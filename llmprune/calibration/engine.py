@@ -7,11 +7,25 @@ next block's inputs. Peak memory is one block plus the calibration activations.
 
 With ``true_sequential`` the Linears are solved in groups in execution order (q,k,v → o → gate,up →
 down for Llama), each group calibrated on inputs produced by the already-pruned earlier groups.
+
+Scale (all off by default; the default path is the plain in-memory loop):
+
+* ``BlockSource`` decides where a block's weights live between turns: in memory (default) or streamed
+  from safetensors shards (``streaming.py``), so a model larger than memory can be pruned;
+* ``max_memory`` spills the calibration activations to disk (``capture.DiskList``) above a budget;
+* ``comm`` shares the calibration batches and the solves between processes (``distributed.py``); the
+  statistics' summation order is fixed by the data (``stats.py``), so masks and weights are
+  bit-identical to one process;
+* ``checkpoint_dir`` / ``resume`` record every finished block (``resume.py``) and continue after a kill,
+  again bit-identically. Solvers draw randomness from a seed derived from ``seed`` and the module
+  name, so neither the rank that solves a Linear nor a restart changes its result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,16 +36,20 @@ from tqdm.auto import tqdm
 
 from llmprune.calibration.capture import (
     BlockInputs,
+    DiskList,
     _StopForward,
+    activation_list,
     call_block,
     capture_block_inputs,
     move_outside_blocks,
 )
+from llmprune.calibration.distributed import Comm, current_comm
 from llmprune.calibration.modules import WeightView, find_blocks, prunable_linears
 from llmprune.calibration.stats import StatsAccumulator
+from llmprune.errors import ConfigError
 from llmprune.registry import SolverInfo
 from llmprune.result import BlockReport, ModuleReport, PruneResult
-from llmprune.solvers.types import LayerProblem, reconstruction_error
+from llmprune.solvers.types import LayerProblem, LayerStats, reconstruction_error
 from llmprune.spec import ModuleSelection, SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -46,6 +64,46 @@ class EngineConfig:
     batch_size: int = 8
     device: torch.device | None = None  # compute device; None = where the first block lives
     progress: bool = True
+    seed: int = 0  # solvers' randomness derives from it, per module
+    comm: Comm | None = None  # None: the running torch.distributed group (or torchrun's variables), else one process
+    max_memory: int | str | None = None  # activation budget ("4GB"); above it activations spill to disk
+    offload_dir: str | None = None  # where spilled activations go (default: a temporary folder)
+    checkpoint_dir: str | None = None  # record progress after every block here
+    resume: bool = False  # continue the run recorded in checkpoint_dir
+
+
+class BlockSource:
+    """Where decoder blocks' weights live between turns. Default: in memory; each block visits the
+    compute device for its turn and goes home after."""
+
+    streaming = False
+
+    def __init__(self) -> None:
+        self._home: dict[int, torch.device] = {}
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        home = next(block.parameters()).device
+        self._home[index] = home
+        if home != device:
+            block.to(device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        home = self._home.pop(index, None)
+        if home is not None and next(block.parameters()).device != home:
+            block.to(home)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``4GB``, ``512MiB``, ``2e9`` or an int → bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read memory size {value!r}: write e.g. 4GB, 512MiB or a number of bytes.")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _selected(block: nn.Module, prefix: str, selection: ModuleSelection) -> dict[str, nn.Module]:
@@ -104,18 +162,21 @@ def _calibrate(
     inputs: BlockInputs,
     needs: frozenset[str],
     stop_after: str | None,
-    keep_outputs: bool,
-) -> tuple[dict[str, StatsAccumulator], list[Tensor]]:
-    """One pass over the calibration batches, accumulating statistics of the given modules' inputs."""
+    outputs: list | DiskList | None,
+) -> dict[str, StatsAccumulator]:
+    """One pass over the calibration batches, accumulating statistics of the given modules' inputs.
+
+    Block outputs go to ``outputs`` when given (the dense block's outputs, for the block error).
+    """
     device = next(block.parameters()).device
     accs: dict[str, StatsAccumulator] = {}
-    outputs: list[Tensor] = []
     rec = _InputRecorder(modules, stop_after)
     try:
-        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        for j, (hidden, args, kwargs) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+            batch = inputs.first_batch + j  # global index: fixes the statistics' summation order
             try:
                 out = call_block(block, hidden, args, kwargs)
-                if keep_outputs:
+                if outputs is not None:
                     outputs.append(out)
             except _StopForward:
                 pass
@@ -127,21 +188,28 @@ def _calibrate(
                         accs[leader] if leader != name else StatsAccumulator(x.shape[-1], needs, device)
                     )
                 if leader == name:
-                    accs[name].add(x)
+                    accs[name].add(x, batch)
     finally:
         rec.remove()
-    return accs, outputs
+    return accs
+
+
+def _module_seed(seed: int, name: str) -> int:
+    """A seed per (run seed, module): a Linear's result depends on neither who solves it nor when."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def _solve_module(
-    name: str, module: nn.Module, stats, spec: SparsitySpec, cfg: EngineConfig
+    name: str, module: nn.Module, stats: LayerStats, spec: SparsitySpec, cfg: EngineConfig
 ) -> tuple[ModuleReport, Tensor]:
     view = WeightView(module)
     weight = view.read()  # (out, in) fp32
-    spec.check_width(weight.shape[1], name)
     start = time.perf_counter()
     problem = LayerProblem(name=name, weight=weight, stats=stats, spec=spec)
-    result = cfg.solver(problem, **cfg.options)
+    cuda = [weight.device] if weight.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(_module_seed(cfg.seed, name))
+        result = cfg.solver(problem, **cfg.options)
     keep = result.keep.to(torch.bool)
     if result.weight is not None and not torch.isfinite(result.weight).all():
         log.warning("%s: solver %s produced non-finite weights; keeping original values", name, cfg.solver.name)
@@ -162,81 +230,173 @@ def _solve_module(
 
 
 def _specs(model_blocks, prefix: str, cfg: EngineConfig) -> dict[str, SparsitySpec]:
-    """Resolve every selected module's spec, applying a solver's whole-model allocation if it has one."""
+    """Resolve every selected module's spec, applying a solver's whole-model allocation if it has one.
+
+    Widths are checked here, for every module, so a bad N:M fails before any work (and on every rank).
+    """
     specs: dict[str, SparsitySpec] = {}
     for i, block in enumerate(model_blocks):
-        for name in _selected(block, f"{prefix}.{i}", cfg.selection):
+        for name, m in _selected(block, f"{prefix}.{i}", cfg.selection).items():
             specs[name] = cfg.selection.spec_for(name)
+            specs[name].check_width(WeightView(m).shape[1], name)
     if cfg.solver.allocate is not None:
         default = cfg.selection.default
         weights = {}
         for i, block in enumerate(model_blocks):
             for name, m in _selected(block, f"{prefix}.{i}", cfg.selection).items():
                 if specs[name] == default:
-                    weights[name] = WeightView(m).read()
-        allocation = cfg.solver.allocate(weights, default, **cfg.options) if weights else {}
+                    w = m.weight.detach()  # a view, not a copy: most allocations only look at a few options
+                    weights[name] = w.t() if WeightView(m).transposed else w  # (out, in)
+        try:
+            allocation = cfg.solver.allocate(weights, default, **cfg.options) if weights else {}
+        except (RuntimeError, NotImplementedError) as exc:
+            if not any(w.device.type == "meta" for w in weights.values()):
+                raise
+            raise ConfigError(
+                f"{cfg.solver.name} with these options allocates sparsity over the whole model, which needs every "
+                "weight in memory at once: not possible while streaming blocks from disk. Prune in memory, or use "
+                "a per-layer setting."
+            ) from exc
         specs.update({name: SparsitySpec(sparsity=s) for name, s in allocation.items()})
     return specs
 
 
+def _solve_group(
+    group: list[str],
+    modules: dict[str, nn.Module],
+    accs: dict[str, StatsAccumulator],
+    specs: dict[str, SparsitySpec],
+    cfg: EngineConfig,
+    comm: Comm,
+    num_batches: int,
+    result: PruneResult,
+    first: int,
+) -> None:
+    """Reduce the group's statistics over all batches, solve each Linear on its owner rank, share."""
+    unique = list({id(a): a for a in accs.values()}.values())  # q/k/v share one accumulator
+    reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_batches)))
+    device = next(iter(modules.values())).weight.device
+    for k, name in enumerate(group):
+        owner = comm.owner(first + k)
+        keep = report = None
+        if comm.rank == owner:
+            if name in accs:
+                stats = reduced[id(accs[name])]
+            else:  # never reached by a calibration token
+                stats = StatsAccumulator(WeightView(modules[name]).shape[1], cfg.solver.needs, device).empty_stats()
+            report, keep = _solve_module(name, modules[name], stats, specs[name], cfg)
+        keep, report = comm.share_solution(owner, modules[name], keep, report)
+        result.modules[name] = report
+        result.keep_masks[name] = keep
+
+
+def _spill(cfg: EngineConfig, model: nn.Module, input_ids: Tensor, batches: range, comm: Comm) -> bool:
+    """Whether this rank's activations (block inputs and dense outputs) exceed ``max_memory``."""
+    if cfg.max_memory is None:
+        return False
+    samples = min(input_ids.shape[0], batches.stop * cfg.batch_size) - batches.start * cfg.batch_size
+    width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    need = 2 * samples * input_ids.shape[1] * width * model.get_input_embeddings().weight.element_size()
+    spill = need > parse_bytes(cfg.max_memory)
+    if spill:
+        log.info("calibration activations (%.2f GB) exceed max_memory: keeping them on disk", need / 1e9)
+    return spill
+
+
 @torch.no_grad()
-def prune_blocks(model: nn.Module, input_ids: Tensor, cfg: EngineConfig, result: PruneResult) -> PruneResult:
-    """Prune ``model`` in place with calibration tokens ``input_ids`` (N, L); fill ``result``."""
+def prune_blocks(
+    model: nn.Module,
+    input_ids: Tensor,
+    cfg: EngineConfig,
+    result: PruneResult,
+    source: BlockSource | None = None,
+    progress=None,
+) -> PruneResult:
+    """Prune ``model`` in place with calibration tokens ``input_ids`` (N, L); fill ``result``.
+
+    ``source`` streams blocks from disk (see ``streaming.py``); ``progress`` is a ``resume.Progress``
+    (opened here from ``cfg.checkpoint_dir`` when not given).
+    """
+    from llmprune.calibration.resume import Progress, run_fingerprint
+
+    source = source or BlockSource()
+    comm = cfg.comm or current_comm()
+    if comm.world > 1:
+        input_ids = comm.broadcast_tokens(input_ids)
+        from llmprune.calibration.data import tokens_hash
+
+        result.calibration_hash = tokens_hash(input_ids)
     prefix, blocks = find_blocks(model)
     home = next(blocks[0].parameters()).device
-    device = cfg.device or home
+    device = cfg.device or (home if home.type != "meta" else torch.device("cpu"))
     move_outside_blocks(model, prefix, device)
     specs = _specs(blocks, prefix, cfg)
     needs = cfg.solver.needs
-    blocks[0].to(device)
-    inputs = capture_block_inputs(model, blocks[0], input_ids, cfg.batch_size)
-    bar = tqdm(total=len(blocks), desc="pruning", unit="block", disable=not cfg.progress)
-    for i, block in enumerate(blocks):
+    num_batches = -(-input_ids.shape[0] // cfg.batch_size)
+    if num_batches < comm.world:
+        raise ConfigError(
+            f"{num_batches} calibration batches cannot be shared by {comm.world} processes: lower batch_size or "
+            "use fewer processes."
+        )
+    local = comm.batch_range(num_batches)
+    if progress is None and cfg.checkpoint_dir is not None:
+        fingerprint = run_fingerprint(cfg, model, input_ids, len(blocks), device)
+        progress = Progress.open(cfg.checkpoint_dir, comm, fingerprint, resume=cfg.resume)
+    start = progress.next_block if progress is not None else 0
+    spill = _spill(cfg, model, input_ids, local, comm)
+    inputs = None
+    if start < len(blocks):
+        hidden = activation_list(spill, cfg.offload_dir)
+        inputs = capture_block_inputs(
+            model, blocks[0], input_ids, cfg.batch_size, batches=local, hidden=hidden, device=device
+        )
+    if start > 0:
+        progress.restore(lambda j: f"{prefix}.{j}", blocks, inputs, result, weights=not source.streaming)
+    bar = tqdm(total=len(blocks), initial=start, desc="pruning", unit="block", disable=not (cfg.progress and comm.is_main))
+    for i in range(start, len(blocks)):
+        block = blocks[i]
         t0 = time.perf_counter()
-        block.to(device)
+        source.load(i, block, device)
         label = f"({i + 1}/{len(blocks)})"
         modules = {n: m for n, m in _selected(block, f"{prefix}.{i}", cfg.selection).items() if not specs[n].is_dense}
-        dense_out: list[Tensor] = []
+        dense_out = activation_list(spill, cfg.offload_dir) if modules else None
         if modules:
-            if cfg.true_sequential:
-                groups = execution_groups(block, modules, inputs)
-            else:
-                groups = [list(modules)]
+            groups = execution_groups(block, modules, inputs) if cfg.true_sequential else [list(modules)]
+            solved = 0
             for g, group in enumerate(groups):
                 bar.set_postfix_str(f"{label} calibrating {g + 1}/{len(groups)}")
                 group_modules = {n: modules[n] for n in group}
-                accs, outs = _calibrate(
+                accs = _calibrate(
                     block,
                     group_modules,
                     inputs,
                     needs,
                     stop_after=None if g == 0 else group[-1],
-                    keep_outputs=g == 0,
+                    outputs=dense_out if g == 0 else None,
                 )
-                if g == 0:
-                    dense_out = outs
-                for name in group:
-                    stats = accs[name].result() if name in accs else StatsAccumulator(
-                        WeightView(modules[name]).shape[1], needs, device
-                    ).result()
-                    report, keep = _solve_module(name, modules[name], stats, specs[name], cfg)
-                    result.modules[name] = report
-                    result.keep_masks[name] = keep
+                _solve_group(group, group_modules, accs, specs, cfg, comm, num_batches, result, solved)
+                solved += len(group)
                 del accs
         bar.set_postfix_str(f"{label} propagating")
-        num = den = 0.0
+        errors: list[list[float]] = []
         for b in range(len(inputs)):
             out = call_block(block, inputs.hidden[b], inputs.args[b], inputs.kwargs[b])
-            if dense_out:
-                num += float((out.float() - dense_out[b].float()).pow(2).sum())
-                den += float(dense_out[b].float().pow(2).sum())
+            if dense_out is not None:
+                dense = dense_out[b]
+                errors.append([float((out.float() - dense.float()).pow(2).sum()), float(dense.float().pow(2).sum())])
             inputs.hidden[b] = out
+        if isinstance(dense_out, DiskList):
+            dense_out.close()
         del dense_out
-        if device != home:
-            block.to(home)
+        num, den = comm.sum_per_batch(errors, local.start, num_batches) if modules else (0.0, 0.0)
         seconds = time.perf_counter() - t0
         result.blocks.append(BlockReport(i, f"{prefix}.{i}", seconds, num / den if den else 0.0))
+        if progress is not None:
+            progress.save_block(i, block, f"{prefix}.{i}", inputs, result, len(blocks))
+        source.release(i, block)
         log.debug("block %d: %.2fs, relative output error %.3e", i, seconds, result.blocks[-1].recon_error)
         bar.update(1)
     bar.close()
+    if inputs is not None and isinstance(inputs.hidden, DiskList):
+        inputs.hidden.close()
     return result

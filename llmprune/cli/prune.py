@@ -1,4 +1,8 @@
-"""``llmprune prune``: load, measure dense, prune, measure pruned, print the table, save."""
+"""``llmprune prune``: load, measure dense, prune, (recover), measure pruned, print the table, save.
+
+Settings come from flags over ``--recipe`` over defaults (``llmprune.recipe``); the resolved recipe
+is saved with the checkpoint, so ``llmprune prune --recipe OUT/recipe.yaml`` reproduces the run.
+"""
 
 from __future__ import annotations
 
@@ -10,58 +14,30 @@ import sys
 import time
 from typing import Any
 
-from llmprune.io.models import DEFAULT_MODEL
+from llmprune.io.models import DEFAULT_MODEL, EMBEDDED_LICENSES
 
 log = logging.getLogger(__name__)
-
-#: defaults for every flag, applied after the recipe: CLI > recipe > these
-DEFAULTS: dict[str, Any] = {
-    "model": DEFAULT_MODEL,
-    "method": "wanda",
-    "sparsity": "0.5",
-    "dataset": None,
-    "num_calibration_samples": 128,
-    "max_seq_length": 2048,
-    "seed": 0,
-    "batch_size": 8,
-    "targets": None,
-    "ignore": None,
-    "true_sequential": False,
-    "eval_dataset": None,
-    "eval_max_seq_length": None,
-    "eval_limit": None,
-    "skip_eval": False,
-    "output_dir": None,
-    "device": "auto",
-    "dtype": "float32",
-}
-
-
-def _options(pairs: list[str] | None) -> dict[str, Any]:
-    """``--option block_size=64 --option update=true`` → typed solver options (YAML scalars)."""
-    import yaml
-
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"llmprune: error: --option expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model and report perplexity before and after")
+    p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); flags given here override it")
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"Hub id, local folder, .gguf file, or {DEFAULT_MODEL!r} (default)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    g.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)"
+    )
     g = p.add_argument_group("pruning")
     g.add_argument("--method", help="registered solver: magnitude, wanda, sparsegpt, icbs (default wanda)")
     g.add_argument("--sparsity", help="fraction such as 0.5, or N:M such as 2:4 (keep 2 of every 4)")
-    g.add_argument("--targets", nargs="*", help="module names, suffixes or re:patterns to prune (default: all)")
+    g.add_argument(
+        "--targets", nargs="*", help="module names, suffixes or re:patterns to prune (default: all)"
+    )
     g.add_argument("--ignore", nargs="*", help="module names, suffixes or re:patterns to leave dense")
-    g.add_argument("--true_sequential", action="store_true", default=None, help="calibrate q,k,v → o → mlp in turn")
+    g.add_argument(
+        "--true_sequential", action="store_true", default=None, help="calibrate q,k,v → o → mlp in turn"
+    )
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="solver option, repeatable")
     g = p.add_argument_group("calibration")
     g.add_argument("--dataset", help="calibration text: file, folder, Hub dataset, c4, wikitext2, self")
@@ -69,22 +45,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max_seq_length", type=int, help="tokens per window (default 2048)")
     g.add_argument("--seed", type=int, help="sampling seed (default 0)")
     g.add_argument("--batch_size", type=int, help="windows per forward (default 8)")
+    g = p.add_argument_group("recovery")
+    g.add_argument("--recover", choices=["perp", "lift"], help="retrain a tiny subset after pruning")
+    g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
+    g.add_argument("--recover_max_seconds", type=float, help="stop recovery after this long")
+    g.add_argument("--lr", type=float, help="recovery learning rate (default: the method's)")
+    g.add_argument("--recover_mode", choices=["retrain", "reconstruct"], help="default retrain")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default: --max_seq_length)")
     g.add_argument("--eval_limit", type=int, help="evaluate this many evenly spaced windows (default: all)")
-    g.add_argument("--skip_eval", action="store_true", default=None, help="no perplexity")
+    g.add_argument("--eval_batch_size", type=int, help="windows per perplexity forward (default 2)")
+    g.add_argument("--skip_eval", action="store_true", help="no perplexity")
+    g.add_argument("--tasks", help="lm-eval tasks, comma-separated (e.g. llmprune_mc)")
+    g.add_argument("--include_path", help="extra folder of lm-eval task YAMLs")
+    g.add_argument("--num_fewshot", type=int, help="lm-eval few-shot examples (default 0)")
+    g.add_argument("--limit", type=float, help="lm-eval documents per task")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", help="write the pruned checkpoint here (atomically)")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
-
-
-def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """Explicit flags over defaults."""
-    settings = dict(DEFAULTS)
-    settings.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    return settings
 
 
 def _peak_rss_mib() -> float:
@@ -92,81 +72,101 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def run(args: argparse.Namespace) -> int:
-    import llmprune
+def _scores(model, tok, recipe, skip_eval: bool) -> dict[str, Any]:
     from llmprune.evaluation.perplexity import perplexity
 
-    s = resolve(args)
-    options = _options(args.option)
-    llmprune.get_solver(s["method"]).check_options(options)  # fail before loading anything
-    llmprune.SparsitySpec.parse(s["sparsity"])
-    model, tok = llmprune.load_model(s["model"], dtype=s["dtype"], device=s["device"])
-    eval_len = s["eval_max_seq_length"] or min(s["max_seq_length"], 2048)
+    out: dict[str, Any] = {}
+    if not skip_eval:
+        out["perplexity"] = perplexity(model, tok, **recipe.perplexity_kwargs())
+    if recipe.eval.tasks:
+        from llmprune.evaluation.harness import lm_eval_scores
 
-    def measure() -> dict[str, float] | None:
-        if s["skip_eval"]:
-            return None
-        return perplexity(model, tok, s["eval_dataset"], eval_len, limit=s["eval_limit"], batch_size=s["batch_size"])
+        out["lm_eval"] = lm_eval_scores(model, tok, **recipe.lm_eval_kwargs())
+    return out
 
-    dense = measure()
+
+def run(args: argparse.Namespace) -> int:
+    import llmprune
+    from llmprune.recipe import resolve_recipe
+
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
+    recipe = resolve_recipe(args, command="prune")  # a bad recipe or flag fails before loading anything
+    model, tok = llmprune.load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
+    dense = _scores(model, tok, recipe, args.skip_eval)
     t0 = time.perf_counter()
-    result = llmprune.prune(
-        model,
-        tok,
-        method=s["method"],
-        sparsity=s["sparsity"],
-        dataset=s["dataset"],
-        num_calibration_samples=s["num_calibration_samples"],
-        max_seq_length=s["max_seq_length"],
-        seed=s["seed"],
-        targets=s["targets"],
-        ignore=s["ignore"],
-        true_sequential=s["true_sequential"],
-        batch_size=s["batch_size"],
-        **options,
-    )
+    result = llmprune.prune(model, tok, **recipe.prune_kwargs())
     prune_seconds = time.perf_counter() - t0
-    pruned = measure()
+    recovery = None
+    if recipe.recover.method:
+        from llmprune.calibration.data import calibration_tokens
+        from llmprune.recovery import recover
+
+        windows = recipe.recover_windows_kwargs()
+        ids = calibration_tokens(
+            windows.pop("source"),
+            tok,
+            windows["num_samples"],
+            windows["seq_len"],
+            windows["seed"],
+            model=model,
+        )
+        recovery = recover(model, input_ids=ids, keep_masks=result.keep_masks, **recipe.recover_kwargs())
+    pruned = _scores(model, tok, recipe, args.skip_eval)
     summary = {
-        "model": s["model"],
-        "method": s["method"],
-        "sparsity": s["sparsity"],
+        "model": recipe.model.name,
+        "method": recipe.prune.method,
+        "sparsity": str(recipe.prune.sparsity),
         "achieved_sparsity": result.overall_sparsity,
         "prune_seconds": prune_seconds,
         "peak_rss_mib": _peak_rss_mib(),
-        "perplexity": {"dense": dense, "pruned": pruned},
+        "perplexity": {"dense": dense.get("perplexity"), "pruned": pruned.get("perplexity")},
+        "lm_eval": {"dense": dense.get("lm_eval"), "pruned": pruned.get("lm_eval")}
+        if recipe.eval.tasks
+        else None,
+        "recovery": recovery.to_dict() if recovery is not None and hasattr(recovery, "to_dict") else None,
         "calibration_hash": result.calibration_hash,
+        "command": "llmprune " + " ".join(sys.argv[1:]) if "prune" in sys.argv else None,
     }
-    if s["output_dir"]:
+    if recipe.model.name in EMBEDDED_LICENSES:
+        summary["license"] = EMBEDDED_LICENSES[recipe.model.name]
+    if recipe.output_dir:
         from llmprune.io.save import save_pruned
 
-        recipe = {k: v for k, v in s.items() if k not in ("skip_eval",)} | {"options": options}
-        save_pruned(model, tok, s["output_dir"], result=result, recipe=recipe, run_info=summary,
-                    metrics={"perplexity": _metric(dense, pruned, s, eval_len)})
-        summary["output_dir"] = s["output_dir"]
-    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+        metrics = {"perplexity": _ppl_metric(summary, recipe), "lm_eval": summary["lm_eval"]}
+        save_pruned(
+            model, tok, recipe.output_dir, result=result, recipe=recipe, run_info=summary, metrics=metrics
+        )
+        summary["output_dir"] = recipe.output_dir
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
     return 0
 
 
-def _metric(dense, pruned, s, eval_len) -> dict[str, Any] | None:
+def _ppl_metric(summary: dict[str, Any], recipe) -> dict[str, Any] | None:
+    dense, pruned = summary["perplexity"]["dense"], summary["perplexity"]["pruned"]
     if pruned is None:
         return None
     return {
         "dense": dense["ppl"],
         "pruned": pruned["ppl"],
-        "dataset": s["eval_dataset"] or "llmprune built-in held-out text (Austen: Pride and Prejudice, Emma)",
-        "seq_len": eval_len,
+        "bits_per_byte": {"dense": dense["bits_per_byte"], "pruned": pruned["bits_per_byte"]},
+        "dataset": recipe.eval.eval_dataset
+        or "llmprune built-in held-out text (Austen: Pride and Prejudice, Emma)",
+        "seq_len": pruned["max_seq_length"],
         "windows": pruned["windows"],
     }
 
 
 def format_table(summary: dict[str, Any]) -> str:
     dense, pruned = summary["perplexity"]["dense"], summary["perplexity"]["pruned"]
-    rows = [("", "dense", "pruned")]
+    after = "pruned+" + summary["recovery"]["method"] if summary.get("recovery") else "pruned"
+    rows = [("", "dense", after)]
     if dense and pruned:
         rows.append(("perplexity", f"{dense['ppl']:.2f}", f"{pruned['ppl']:.2f}"))
         rows.append(("bits per byte", f"{dense['bits_per_byte']:.4f}", f"{pruned['bits_per_byte']:.4f}"))
         rows.append(("eval windows", f"{dense['windows']}×{dense['max_seq_length']}", ""))
+    for task, (d, p) in _task_pairs(summary.get("lm_eval")):
+        rows.append((task, d, p))
     rows.append(("sparsity (block Linears)", "0.00%", f"{100 * summary['achieved_sparsity']:.2f}%"))
     rows.append(("prune wall time", "", f"{summary['prune_seconds']:.1f} s"))
     rows.append(("peak RSS", "", f"{summary['peak_rss_mib']:.0f} MiB"))
@@ -177,3 +177,19 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("output_dir"):
         lines.append(f"saved to {summary['output_dir']}")
     return "\n".join(lines)
+
+
+def _task_pairs(lm_eval: dict[str, Any] | None):
+    """(task metric, (dense, pruned)) rows from lm_eval_scores results."""
+    if not lm_eval or not lm_eval.get("pruned"):
+        return []
+    rows = []
+    dense_tasks = (lm_eval.get("dense") or {}).get("tasks", {})
+    for task, metrics in lm_eval["pruned"].get("tasks", {}).items():
+        for name in ("acc", "acc_norm"):
+            if name in metrics:
+                d = dense_tasks.get(task, {}).get(name)
+                rows.append(
+                    (f"{task} {name}", (f"{d:.3f}" if isinstance(d, float) else ""), f"{metrics[name]:.3f}")
+                )
+    return rows

@@ -13,8 +13,10 @@ data from the Hugging Face Hub.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ BUILTIN_TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 #: what ``llmprune eval`` scores when neither ``--tasks`` nor a recipe names tasks
 DEFAULT_TASKS = ("llmprune_mc",)
 _SKIP_KEYS = {"alias", "name", "sample_len", " "}
+_DECLARED = re.compile(r"^\s*(?:task|group|tag)\s*:\s*['\"]?([\w.\-]+)", re.M)  # names for suggestions
+_DATASET_PATH = re.compile(r"^dataset_path:\s*['\"]?([^\s'\"#]+)", re.M)
 
 
 def _import_lm_eval():
@@ -57,14 +61,53 @@ def _task_paths(include_path: str | os.PathLike | None) -> list[str]:
             raise ConfigError(
                 f"include_path {path} does not exist: point it at a folder of lm-eval task YAMLs."
             )
-        paths.insert(0, str(path))  # the user's folder first: later paths win in lm-eval's index
+        paths.append(str(path))  # last: later paths win in lm-eval's index, so a user task can shadow ours
     return paths
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_yaml() -> dict[str, str]:
+    """Text of every lm-eval built-in task YAML (~14 k files, <1 s): a cheap stand-in for its index."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    return {str(p): p.read_text(encoding="utf-8", errors="replace") for p in root.rglob("*.yaml")}
+
+
+def _mentioned(name: str, texts: dict[str, str]) -> bool:
+    """Whether any built-in YAML names ``name`` (a superset of the index: never misses a real task)."""
+    rx = re.compile(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])")
+    return any(rx.search(text) for text in texts.values())
+
+
+def _declared(texts: dict[str, str]) -> set[str]:
+    return {m for text in texts.values() for m in _DECLARED.findall(text)}
+
+
+def _uncached_offline(name: str, texts: dict[str, str]) -> str | None:
+    """The Hub dataset a built-in task needs when it is certainly not in the local caches, else None."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    rx = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.M)
+    for text in texts.values():
+        if rx.search(text):
+            match = _DATASET_PATH.search(text)
+            if not match:
+                return None  # defined through an include or in Python: cannot tell cheaply
+            path = match.group(1)
+            hub = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}"
+            local = Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")
+            return None if hub.exists() or local.exists() else path
+    return None
 
 
 def task_manager(tasks: Sequence[str], include_path: str | os.PathLike | None = None):
     """A TaskManager that knows every task in ``tasks``, and the names only lm-eval's built-ins provide.
 
-    Raises ConfigError for names found nowhere, with the closest known name.
+    Local folders are indexed first (fast); lm-eval's own index (~10 s) only when a name is missing
+    there and some built-in YAML mentions it. Unknown names, and built-in tasks whose data is not cached
+    while the Hub is disabled, fail at once with the fix.
     """
     _, _, TaskManager = _import_lm_eval()
     paths = _task_paths(include_path)
@@ -72,16 +115,34 @@ def task_manager(tasks: Sequence[str], include_path: str | os.PathLike | None = 
     missing = [t for t in tasks if t not in local.all_tasks]
     if not missing:
         return local, []
+    texts = _builtin_yaml()
+    unknown = [t for t in missing if not _mentioned(t, texts)]
+    if unknown:
+        raise _unknown_task(unknown[0], [*local.all_tasks, *_declared(texts)], local.all_tasks)
+    if _offline():
+        for name in missing:
+            dataset = _uncached_offline(name, texts)
+            if dataset:
+                raise DataError(
+                    f"lm-eval task {name!r} is an lm-eval built-in whose dataset {dataset!r} comes from the "
+                    "Hugging Face Hub, which is disabled here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and not "
+                    "in the local cache. Fix: pass --include_path DIR with a local task (YAML + JSONL, like "
+                    f"{BUILTIN_TASKS_DIR}), use the shipped task llmprune_mc, or go online once to cache it."
+                )
     log.info("task(s) %s not in %s: indexing lm-eval's built-in tasks (~10 s)", ", ".join(missing), paths)
     full = TaskManager(include_path=paths, include_defaults=True)
     unknown = [t for t in missing if t not in full.all_tasks]
     if unknown:
-        raise ConfigError(
-            f"unknown lm-eval task {unknown[0]!r}{did_you_mean(unknown[0], full.all_tasks)}. Local tasks: "
-            f"{', '.join(local.all_tasks) or 'none'}. Fix: check the name, or pass --include_path DIR with a "
-            "folder holding the task's YAML."
-        )
+        raise _unknown_task(unknown[0], full.all_tasks, local.all_tasks)
     return full, missing
+
+
+def _unknown_task(name: str, known: Sequence[str], local: Sequence[str]) -> ConfigError:
+    return ConfigError(
+        f"unknown lm-eval task {name!r}{did_you_mean(name, known)}. Local tasks: "
+        f"{', '.join(local) or 'none'}. Fix: check the name, or pass --include_path DIR with a folder "
+        "holding the task's YAML."
+    )
 
 
 def _metrics(raw: dict[str, Any]) -> dict[str, float]:
@@ -120,7 +181,13 @@ def lm_eval_scores(
         raise ConfigError(f"need num_fewshot >= 0 and batch_size >= 1, got {num_fewshot}, {batch_size}.")
     lm_eval, HFLM, _ = _import_lm_eval()
     manager, from_defaults = task_manager(tasks, include_path)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # its warnings about passing a model object are for launchers, not us
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    finally:
+        hf_log.setLevel(level)
     try:
         res = lm_eval.simple_evaluate(
             model=lm,

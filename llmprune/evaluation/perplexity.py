@@ -19,7 +19,9 @@ from llmprune.calibration.data import load_texts
 from llmprune.errors import DataError
 
 
-def eval_windows(tokenizer, dataset: Any = None, max_seq_length: int = 512, limit: int | None = None) -> torch.Tensor:
+def eval_windows(
+    tokenizer, dataset: Any = None, max_seq_length: int = 512, limit: int | None = None
+) -> torch.Tensor:
     """``(windows, max_seq_length)`` token ids; ``limit`` keeps that many evenly spaced windows."""
     if isinstance(dataset, torch.Tensor):
         ids = dataset.reshape(-1)
@@ -46,7 +48,7 @@ def perplexity(
     dataset: Any = None,
     max_seq_length: int = 512,
     limit: int | None = None,
-    batch_size: int = 4,
+    batch_size: int = 2,
     progress: bool = True,
 ) -> dict[str, float]:
     """Token perplexity and bits per byte of ``model`` on held-out text (default: the built-in one).
@@ -58,10 +60,15 @@ def perplexity(
     was_training = model.training
     model.eval()
     total_nll, total_bytes = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+    for start in tqdm(
+        range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False
+    ):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
-        total_nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        logits = model(input_ids=batch, use_cache=False).logits  # (B, L, V): the largest tensor of a run
+        for row in range(batch.shape[0]):  # one row at a time keeps log-softmax memory at (L, V)
+            row_logits = logits[row, :-1].float()
+            total_nll += float(F.cross_entropy(row_logits, batch[row, 1:], reduction="sum"))
+        del logits
         if tokenizer is not None:
             total_bytes += sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in batch.cpu().tolist())
     model.train(was_training)

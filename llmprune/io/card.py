@@ -18,12 +18,16 @@ import yaml
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HF_CACHE_SNAPSHOT = re.compile(r"models--([\w.-]+)--([\w.-]+)/snapshots/")  # the Hub cache's layout
 #: llmprune's dataset shorthands and the Hub datasets they load (see llmprune.calibration.data)
 _HUB_DATASETS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext", "wikitext-2": "Salesforce/wikitext"}
 
 
-def _get(mapping: Mapping | None, *keys: str) -> Any:
-    """First of ``keys`` found at the top level or one level down (recipes nest by section)."""
+def recipe_value(mapping: Mapping | None, *keys: str) -> Any:
+    """First of ``keys`` found at the top level or one level down (recipes nest by section).
+
+    Sections are searched in order, so ``method`` finds ``prune.method`` before ``recover.method``.
+    """
     if not isinstance(mapping, Mapping):
         return None
     for key in keys:
@@ -81,16 +85,20 @@ def _embedded_hub_id(source: str | None) -> str | None:
 
 
 def resolve_base(run_info: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(base_model Hub id, license) from explicit run_info, the embedded default, or the source card."""
+    """(base_model Hub id, license): explicit run_info first, then what the source path tells.
+
+    A local folder's own card is read for its license only: its ``base_model`` names the folder's
+    parent, not the folder, so it would mislabel a fine-tune.
+    """
     source = run_info.get("source_model")
-    meta = _source_metadata(source)
     base = run_info.get("base_model") or _embedded_hub_id(source)
-    if base is None and isinstance(source, str) and _HUB_ID.match(source) and not Path(source).exists():
-        base = source
-    if base is None:
-        base = meta.get("base_model") if isinstance(meta.get("base_model"), str) else None
-    if not meta and base and base != source:
-        meta = _source_metadata(base)
+    if base is None and isinstance(source, str):
+        snapshot = _HF_CACHE_SNAPSHOT.search(source.replace("\\", "/"))
+        if snapshot:
+            base = f"{snapshot.group(1)}/{snapshot.group(2)}"
+        elif _HUB_ID.match(source) and not Path(source).exists():
+            base = source
+    meta = _source_metadata(source) or (_source_metadata(base) if base and base != source else {})
     return base, run_info.get("license") or meta.get("license")
 
 
@@ -218,7 +226,10 @@ def _body(
         ]
         lines += ["```", ""]
     cal = [
-        ("calibration data", _get(recipe, "dataset") or ("llmprune built-in text" if recipe else None)),
+        (
+            "calibration data",
+            recipe_value(recipe, "dataset") or ("llmprune built-in text" if recipe else None),
+        ),
         ("calibration samples", run_info.get("num_calibration_samples")),
         ("sequence length", run_info.get("max_seq_length")),
         ("seed", run_info.get("seed")),
@@ -268,13 +279,13 @@ def _by_kind(modules: Mapping[str, Mapping]) -> dict[str, tuple[int, float, str]
 
 
 def _evaluation(metrics: Mapping | None) -> list[str]:
-    if not metrics:
-        return ["## Evaluation", "", "Not evaluated in this run.", ""]
     lines = ["## Evaluation", ""]
+    if not metrics:
+        return [*lines, "Not evaluated in this run.", ""]
     ppl = metrics.get("perplexity")
     if isinstance(ppl, Mapping):
-        seq = ppl.get("seq_len") or ppl.get("max_seq_length") or _get(ppl, "max_seq_length")
-        windows = ppl.get("windows") or _get(ppl, "windows")
+        seq = ppl.get("seq_len") or ppl.get("max_seq_length") or recipe_value(ppl, "max_seq_length")
+        windows = ppl.get("windows") or recipe_value(ppl, "windows")
         lines += [
             f"Perplexity on `{ppl.get('dataset') or 'llmprune built-in evaluation text'}`: "
             f"non-overlapping windows of {seq or '?'} tokens ({windows or '?'} windows), "
@@ -298,7 +309,7 @@ def _evaluation(metrics: Mapping | None) -> list[str]:
                     f"| {task} | {metric} | {'-' if base is None else f'{base:.4f}'} | {value:.4f} |"
                 )
         lines.append("")
-    return lines
+    return lines if len(lines) > 2 else [*lines, "Not evaluated in this run.", ""]
 
 
 def build_model_card(
@@ -322,7 +333,9 @@ def build_model_card(
     suffix = f"{method}-{str(target).replace(':', 'of')}" if method else "pruned"
     title = model_name or (f"{base.split('/')[-1]}-{suffix}" if base else f"llmprune-{suffix}")
     datasets = run_info.get("datasets") or [
-        d for d in (hub_dataset(_get(recipe, "dataset")), hub_dataset(_get(metrics, "dataset"))) if d
+        d
+        for d in (hub_dataset(recipe_value(recipe, "dataset")), hub_dataset(recipe_value(metrics, "dataset")))
+        if d
     ]
     tags = ["pruned", "sparse", "llmprune", method, _pattern_tag(target)]
     results = eval_results(metrics)

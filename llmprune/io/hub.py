@@ -59,7 +59,9 @@ def push_to_hub(
     api = HfApi(endpoint=endpoint, token=token)
     where = api.endpoint
     try:
-        repo = api.create_repo(hub_model_id, private=private, exist_ok=True)
+        # private=None, not False: without --private the namespace's default applies (an organisation
+        # that makes repositories private by default stays private)
+        repo = api.create_repo(hub_model_id, private=True if private else None, exist_ok=True)
         log.info("uploading %s to %s …", folder, repo)
         api.upload_folder(
             repo_id=repo.repo_id,

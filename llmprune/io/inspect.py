@@ -98,6 +98,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
                 if transposed and _CONV1D_NAMES.search(key):
                     weight = weight.t()  # Conv1D stores (in, out)
                 modules[key.removesuffix(".weight")] = weight_stats(weight)
+    modules = dict(sorted(modules.items(), key=lambda kv: _natural_key(kv[0])))  # layers.2 before layers.10
     saved = _read_json(folder / "sparsity.json") or {}
     for name, info in modules.items():
         info["target"] = saved.get("modules", {}).get(name, {}).get("target")
@@ -118,6 +119,10 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "metrics": (run_info or {}).get("metrics"),
         "has_masks": (folder / "masks.safetensors").is_file(),
     }
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def summarize(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:

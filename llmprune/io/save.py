@@ -216,14 +216,17 @@ def versions() -> dict[str, str | None]:
 
 
 def default_recipe(result: PruneResult) -> dict[str, Any]:
-    """The settings a PruneResult records, for runs that did not pass a full recipe."""
+    """What a PruneResult records, in the recipe's layout, for runs that did not pass their recipe."""
+    from llmprune.recipe import RECIPE_VERSION
+
     return {
-        "method": result.method,
-        "sparsity": result.sparsity,
-        "num_calibration_samples": result.num_calibration_samples,
-        "max_seq_length": result.max_seq_length,
-        "seed": result.seed,
-        **({"solver_args": result.options} if result.options else {}),
+        "version": RECIPE_VERSION,
+        "calibration": {
+            "num_calibration_samples": result.num_calibration_samples,
+            "max_seq_length": result.max_seq_length,
+            "seed": result.seed,
+        },
+        "prune": {"method": result.method, "sparsity": result.sparsity, "options": dict(result.options)},
     }
 
 
@@ -268,9 +271,8 @@ def check_output_dir(output_dir: Path, model: nn.Module | None = None) -> None:
     target = output_dir.resolve()
     if target.exists() and not target.is_dir():
         raise ConfigError(f"output_dir {output_dir} is a file: choose a folder path.")
-    for source in {source_model(model), getattr(getattr(model, "config", None), "_name_or_path", None)} - {
-        None
-    }:
+    sources = {source_model(model), getattr(getattr(model, "config", None), "_name_or_path", None)}
+    for source in sources - {None, ""}:  # a model built from a config has no source
         src = Path(str(source)).expanduser()
         if src.exists() and (target == src.resolve() or target in src.resolve().parents):
             raise ConfigError(
@@ -389,7 +391,7 @@ def save_pruned(
     output_dir: str | Path,
     *,
     result: PruneResult | None = None,
-    recipe: dict | None = None,
+    recipe: dict | Any | None = None,
     run_info: dict | None = None,
     metrics: dict | None = None,
     save_masks: bool = True,
@@ -401,14 +403,14 @@ def save_pruned(
 ) -> Path:
     """Write the pruned model, its provenance and its model card to ``output_dir``, atomically.
 
-    ``run_info`` entries are merged into ``run_info.json`` (e.g. ``command``, ``base_model``,
-    ``license``); ``metrics`` is free-form, e.g. ``{"perplexity": {"dense": 12.1, "pruned": 14.3,
-    "dataset": "wikitext2", "max_seq_length": 512, "windows": 40}}``.
+    ``recipe`` is a dict or a ``llmprune.recipe.Recipe``. ``run_info`` entries are merged into
+    ``run_info.json`` (e.g. ``command``, ``base_model``, ``license``); ``metrics`` is free-form, e.g.
+    ``{"perplexity": {"dense": 12.1, "pruned": 14.3, "dataset": "wikitext2", "seq_len": 512}}``.
 
     >>> save_pruned(model, tok, "out/wanda-50", result=result, metrics=metrics)  # doctest: +SKIP
     PosixPath('out/wanda-50')
     """
-    from llmprune.io.card import build_model_card
+    from llmprune.io.card import build_model_card, recipe_value
 
     out = Path(output_dir).expanduser()
     if push_to_hub and not hub_model_id:
@@ -418,8 +420,14 @@ def save_pruned(
     check_output_dir(out, model)
     _prepare_dense(model)
     start = time.perf_counter()
-    sparsity = sparsity_report(model, result)
+    if recipe is not None and hasattr(recipe, "to_dict"):  # a llmprune.recipe.Recipe
+        recipe = recipe.to_dict()
     resolved_recipe = _plain(recipe) if recipe is not None else default_recipe(result) if result else None
+    sparsity = sparsity_report(model, result)
+    if result is None and resolved_recipe:  # name what was done even without a PruneResult
+        target = recipe_value(resolved_recipe, "sparsity")
+        sparsity["method"] = recipe_value(resolved_recipe, "method")
+        sparsity["target"] = None if target is None else str(target)
     info = build_run_info(model, result, run_info, metrics)
     masks = None
     if save_masks:
@@ -428,7 +436,7 @@ def save_pruned(
             if result is not None and result.keep_masks
             else _nonzero_masks(model, result)
         )
-    with atomic_folder(out) as staging:
+    with atomic_folder(out.resolve()) as staging:  # through a symlink, replace what it points at
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         _scrub_config(staging)
         if tokenizer is not None:

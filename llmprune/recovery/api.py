@@ -18,11 +18,14 @@ from llmprune.recovery import masking
 from llmprune.recovery.lift import LiftOptions, LiftSession
 from llmprune.recovery.perp import PerpOptions, PerpSession
 from llmprune.recovery.reconstruct import reconstruct
-from llmprune.recovery.train import TrainSettings, run, window_batches
+from llmprune.recovery.train import LoopResult, TrainSettings, run, window_batches
 
 log = logging.getLogger(__name__)
 
-METHODS: dict[str, tuple[type, type]] = {"perp": (PerpOptions, PerpSession), "lift": (LiftOptions, LiftSession)}
+METHODS: dict[str, tuple[type, type]] = {
+    "perp": (PerpOptions, PerpSession),
+    "lift": (LiftOptions, LiftSession),
+}
 MODES = ("retrain", "reconstruct")
 #: learning rates measured on SmolLM2-135M at 50 % magnitude sparsity (see the recovery docs)
 DEFAULT_LR = {"perp": 1e-3, "lift": 1e-4}
@@ -31,7 +34,9 @@ DEFAULT_LR = {"perp": 1e-3, "lift": 1e-4}
 def method_options(method: str) -> dict[str, Any]:
     """``{option: default}`` of a method: the keywords ``recover(method=..., **options)`` accepts."""
     if method not in METHODS:
-        raise ConfigError(f"unknown recovery method {method!r}{did_you_mean(method, METHODS)}: use {', '.join(METHODS)}.")
+        raise ConfigError(
+            f"unknown recovery method {method!r}{did_you_mean(method, METHODS)}: use {', '.join(METHODS)}."
+        )
     return {f.name: f.default for f in dataclasses.fields(METHODS[method][0])}
 
 
@@ -99,8 +104,8 @@ def recover(
     >>> result = recover(model, input_ids=calibration_tokens(None, tok, 64, 256), steps=200)  # doctest: +SKIP
     >>> result.trainable_fraction, result.last_loss  # doctest: +SKIP
     """
-    opt_cls, session_cls = METHODS[method] if method in METHODS else (None, None)
-    allowed = method_options(method)
+    allowed = method_options(method)  # validates the name
+    opt_cls, session_cls = METHODS[method]
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ConfigError(
@@ -108,9 +113,13 @@ def recover(
             f"{', '.join(allowed)}."
         )
     if mode not in MODES:
-        raise ConfigError(f"unknown recovery mode {mode!r}{did_you_mean(mode, MODES)}: use retrain or reconstruct.")
+        raise ConfigError(
+            f"unknown recovery mode {mode!r}{did_you_mean(mode, MODES)}: use retrain or reconstruct."
+        )
     if mode == "reconstruct" and dense_model is None:
-        raise ConfigError("mode='reconstruct' needs dense_model=<a dense copy of the model> to take targets from.")
+        raise ConfigError(
+            "mode='reconstruct' needs dense_model=<a dense copy of the model> to take targets from."
+        )
     settings = TrainSettings(
         steps=steps,
         max_seconds=max_seconds,
@@ -130,8 +139,8 @@ def recover(
     bad = list(masking.violations(targets))
     if bad:
         raise ConfigError(
-            f"the keep masks mark weights as pruned that are not zero (e.g. {bad[0][0]}: {bad[0][1]}): prune the "
-            "model first (write the zeros), or pass the masks that match it."
+            f"the keep masks mark weights as pruned that are not zero (e.g. {bad[0][0]}: {bad[0][1]}): "
+            "prune the model first (write the zeros), or pass the masks that match it."
         )
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -150,14 +159,25 @@ def recover(
                 "%s (%s): training %d of %d parameters (%.4f %%)",
                 method, mode, trainable, total_params, 100 * trainable / total_params,
             )  # fmt: skip
+
+            def on_step(step: int) -> None:
+                session.after_step(step)
+                if callback is not None:
+                    callback(step, model)
+
             if mode == "retrain":
-                loop, details = _retrain(model, session, input_ids, settings, callback), {}
+                loop, details = _retrain(model, session, input_ids, settings, on_step), {}
             else:
-                loop, per_block = reconstruct(model, dense_model, session, input_ids, settings)
+                loop, per_block = reconstruct(
+                    model, dense_model, session, input_ids, settings, on_step=on_step
+                )
                 details = {"blocks": per_block}
-        finally:
-            session.finish()
+        except BaseException:
+            session.finish(merge=False)  # PERP drops its adapters; LIFT's in-place updates stay (zeros kept)
             model.train(was_training)
+            raise
+        session.finish()
+        model.train(was_training)
     masking.assert_preserved(targets)  # the merge itself must keep the zeros; this is a bug check
     masking.enforce(targets)  # canonical +0.0 at every pruned entry
     if isinstance(session, LiftSession):
@@ -171,18 +191,23 @@ def recover(
         trainable_fraction=trainable / total_params,
         steps_done=loop.steps_done,
         seconds=loop.seconds,
-        tokens_seen=tokens * input_ids.shape[1] * (1 if mode == "retrain" else 1),
+        tokens_seen=tokens * input_ids.shape[1],
         losses=loop.losses,
         first_loss=loop.losses[0] if loop.losses else None,
         last_loss=loop.losses[-1] if loop.losses else None,
         sparsity=sparsity_before,
         peak_memory_mib=_peak_memory_mib(device),
-        options={**dataclasses.asdict(settings), **dataclasses.asdict(method_opts), "method": method, "mode": mode},
+        options={
+            **dataclasses.asdict(settings),
+            **dataclasses.asdict(method_opts),
+            "method": method,
+            "mode": mode,
+        },
         details=details,
     )
 
 
-def _retrain(model: nn.Module, session, input_ids: Tensor, settings: TrainSettings, callback) -> Any:
+def _retrain(model: nn.Module, session, input_ids: Tensor, settings: TrainSettings, on_step) -> LoopResult:
     """Causal-LM loss on the token windows."""
     device = next(model.parameters()).device
     batches = window_batches(input_ids, settings.batch_size, settings.seed)
@@ -191,16 +216,8 @@ def _retrain(model: nn.Module, session, input_ids: Tensor, settings: TrainSettin
         batch = batch.to(device)
         return model(input_ids=batch, labels=batch, use_cache=False).loss
 
-    def on_step(step: int) -> None:
-        session.after_step(step)
-        if callback is not None:
-            callback(step, model)
-
     params = session.parameters()
     if not params:
         raise ConfigError("nothing to train: the model has no pruned Linear, norm or bias to recover.")
-    return run(loss_fn, batches, session.optimizer(params, settings), settings, on_step=on_step, desc=f"{session_name(session)}")
-
-
-def session_name(session) -> str:
-    return "PERP" if isinstance(session, PerpSession) else "LIFT"
+    desc = "PERP" if isinstance(session, PerpSession) else "LIFT"
+    return run(loss_fn, batches, session.optimizer(params, settings), settings, on_step=on_step, desc=desc)

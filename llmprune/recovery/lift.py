@@ -52,7 +52,9 @@ class LiftOptions:
         if self.update_interval < 1:
             raise ConfigError(f"update_interval must be >= 1, got {self.update_interval}.")
         if self.svd not in SVD_MODES:
-            raise ConfigError(f"unknown svd {self.svd!r}{did_you_mean(self.svd, SVD_MODES)}: use {SVD_MODES}.")
+            raise ConfigError(
+                f"unknown svd {self.svd!r}{did_you_mean(self.svd, SVD_MODES)}: use {SVD_MODES}."
+            )
 
     def budget(self, shape: tuple[int, int], kept: int) -> int:
         if self.density is not None:
@@ -73,7 +75,9 @@ def low_rank(weight: Tensor, rank: int, svd: str = "auto", niter: int = 2) -> Te
     return (u[:, :rank] * s[:rank]) @ v[:, :rank].t()
 
 
-def principal_indices(weight: Tensor, keep: Tensor | None, rank: int, k: int, svd: str = "auto", niter: int = 2) -> Tensor:
+def principal_indices(
+    weight: Tensor, keep: Tensor | None, rank: int, k: int, svd: str = "auto", niter: int = 2
+) -> Tensor:
     """Sorted flat indices (int64, into ``weight.view(-1)``) of the top-``k`` kept entries by ``|W_r|``.
 
     Works in whatever layout ``weight`` has: the low-rank approximation commutes with transposition.
@@ -100,7 +104,9 @@ class SparseAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         pairs = list(params)
-        super().__init__([p for p, _ in pairs], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(
+            [p for p, _ in pairs], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
         for p, index in pairs:
             if not p.is_contiguous():
                 raise ConfigError("SparseAdamW needs contiguous parameters (it updates p.view(-1) in place).")
@@ -212,7 +218,9 @@ class LiftSession:
 
     def optimizer(self, params: list[nn.Parameter], settings: TrainSettings) -> SparseAdamW:
         if settings.optim != "adamw":
-            raise ConfigError(f"LIFT uses its own sparse AdamW; optim={settings.optim!r} does not apply: use optim='adamw'.")
+            raise ConfigError(
+                f"LIFT uses its own sparse AdamW; optim={settings.optim!r} does not apply: use optim='adamw'."
+            )
         pairs = [(p, self.indices[self._names[id(p)]]) for p in params]
         self.optimizer_ = SparseAdamW(pairs, lr=settings.lr, weight_decay=settings.weight_decay)
         return self.optimizer_
@@ -223,7 +231,7 @@ class LiftSession:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the principal weights from the current weights (moments carried where selected before)."""
+        """Re-select principal weights from the current weights (moments carried where selected before)."""
         opt = self.optimizer_
         for group in opt.param_groups:
             for p in group["params"]:
@@ -236,6 +244,7 @@ class LiftSession:
         return sum(int(i.numel()) for i in self.indices.values())
 
     @torch.no_grad()
-    def finish(self) -> None:
+    def finish(self, merge: bool = True) -> None:
+        """Restore ``requires_grad``. The weights were trained in place: there is nothing to merge or drop."""
         for p in self._base_params:
             p.requires_grad_(self._requires_grad.get(id(p), False))

@@ -48,23 +48,14 @@ def to_weight_layout(module: nn.Module, mask: Tensor) -> Tensor:
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The decoder blocks, found from ``model._no_split_modules`` (outermost matches, in order).
+    """``[(full name, block)]`` in order, found the way the pruning engine finds them.
 
-    Never a hard-coded path such as ``model.model.layers``: any HF causal LM declares its block class there.
+    Never a hard-coded path such as ``model.model.layers``: the engine matches ``model._no_split_modules``.
     """
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    if not names:
-        raise ConfigError(
-            f"{type(model).__name__} declares no _no_split_modules, so its decoder blocks cannot be found: "
-            "pass keep_masks explicitly, or use a transformers model class that declares its block type."
-        )
-    blocks: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if type(module).__name__ in names and not any(name.startswith(f"{b}.") for b, _ in blocks):
-            blocks.append((name, module))
-    if not blocks:
-        raise ConfigError(f"no module of class {sorted(names)} found in {type(model).__name__}.")
-    return blocks
+    from llmprune.calibration.modules import find_blocks
+
+    prefix, blocks = find_blocks(model)
+    return [(f"{prefix}.{i}", block) for i, block in enumerate(blocks)]
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -83,7 +74,9 @@ def keep_masks_from_zeros(model: nn.Module) -> dict[str, Tensor]:
     return {name: weight_2d(m) != 0 for name, m in block_linears(model).items()}
 
 
-def resolve_targets(model: nn.Module, keep_masks: dict[str, Tensor] | None) -> dict[str, tuple[nn.Module, Tensor]]:
+def resolve_targets(
+    model: nn.Module, keep_masks: dict[str, Tensor] | None
+) -> dict[str, tuple[nn.Module, Tensor]]:
     """``{name: (module, keep)}`` for the Linears that hold at least one pruned weight.
 
     Masks are validated against the modules (shape, dtype) and moved to the weight's device.
@@ -95,10 +88,14 @@ def resolve_targets(model: nn.Module, keep_masks: dict[str, Tensor] | None) -> d
     for name, keep in keep_masks.items():
         module = modules.get(name)
         if module is None or not is_prunable(module):
-            raise ConfigError(f"keep_masks names {name!r}, which is not a Linear of this model: check the mask keys.")
+            raise ConfigError(
+                f"keep_masks names {name!r}, which is not a Linear of this model: check the mask keys."
+            )
         w = weight_2d(module)
         if tuple(keep.shape) != tuple(w.shape):
-            raise ConfigError(f"keep mask of {name} has shape {tuple(keep.shape)}, the weight (out, in) {tuple(w.shape)}.")
+            raise ConfigError(
+                f"keep mask of {name} has shape {tuple(keep.shape)}, the weight (out, in) {tuple(w.shape)}."
+            )
         keep = keep.to(device=w.device, dtype=torch.bool)
         if not bool(keep.all()):
             targets[name] = (module, keep)
@@ -125,7 +122,9 @@ def assert_preserved(targets: dict[str, tuple[nn.Module, Tensor]]) -> None:
     bad = list(violations(targets))
     if bad:
         listing = ", ".join(f"{n} ({c})" for n, c in bad[:5])
-        raise SparsityViolation(f"recovery changed pruned weights in {len(bad)} layers: {listing}. This is a bug.")
+        raise SparsityViolation(
+            f"recovery changed pruned weights in {len(bad)} layers: {listing}. This is a bug."
+        )
 
 
 def sparsity(targets: dict[str, tuple[nn.Module, Tensor]]) -> float:

@@ -39,7 +39,9 @@ def _peft():
         import peft
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError as exc:
-        raise ConfigError("method='perp' needs peft: `pip install 'llmprune[recover]'` (or `pip install peft`).") from exc
+        raise ConfigError(
+            "method='perp' needs peft: `pip install 'llmprune[recover]'` (or `pip install peft`)."
+        ) from exc
     return peft, LoraLinear
 
 
@@ -62,8 +64,14 @@ def _layer_classes() -> tuple[type, type]:
             self.fan_in_fan_out = masking.is_transposed(self.get_base_layer())
             self.register_buffer("keep_mask", None, persistent=False)
 
-        def set_keep(self, keep_weight_layout: Tensor | None) -> None:
+        def set_keep(self, keep_weight_layout: Tensor) -> None:
             self.keep_mask = keep_weight_layout
+
+        def as_plain_lora(self) -> None:
+            """For layers that were not pruned (``lm_head``): peft's plain LoRA, initialised as such."""
+            self.keep_mask = None
+            for adapter in self.lora_A:
+                LoraLinear.reset_lora_parameters(self, adapter, True)
 
         def _product(self, adapter: str) -> Tensor:
             """``BA`` in the layout of the base weight."""
@@ -104,9 +112,11 @@ def _layer_classes() -> tuple[type, type]:
                     self.lora_A[adapter_name].weight[0, :] = 1.0  # (r, in); rows 1.. keep LoRA's random init
 
         def get_delta_weight(self, adapter: str) -> Tensor:
+            if self.keep_mask is None:
+                return super().get_delta_weight(adapter)  # plain LoRA
             weight = self.get_base_layer().weight
             delta = weight * (self._product(adapter).to(weight.dtype) - 1.0)  # W ⊙ BA − W
-            return delta.masked_fill(~self.keep_mask, 0.0) if self.keep_mask is not None else delta
+            return delta.masked_fill(~self.keep_mask, 0.0)
 
         def _effective_weight(self) -> Tensor:
             weight = self.get_base_layer().weight
@@ -127,7 +137,7 @@ class PerpOptions:
     """PERP's knobs (``recover(method="perp", **options)``); defaults are the paper's."""
 
     lora: str = "mask"  # "mask" (MaskLoRA) or "scale" (ScaleLoRA)
-    r: int = 16
+    r: int = 16  # 0: no LoRA at all, only norms and biases (the paper's cheapest setting)
     alpha: float = 32.0
     lm_head: bool = True  # plain LoRA on an untied lm_head
     train_norms: bool = True
@@ -135,9 +145,13 @@ class PerpOptions:
 
     def __post_init__(self) -> None:
         if self.lora not in VARIANTS:
-            raise ConfigError(f"unknown PERP lora variant {self.lora!r}{did_you_mean(self.lora, VARIANTS)}: use mask or scale.")
-        if self.r < 1:
-            raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}.")
+            raise ConfigError(
+                f"unknown PERP lora {self.lora!r}{did_you_mean(self.lora, VARIANTS)}: use mask or scale."
+            )
+        if self.r < 0:
+            raise ConfigError(
+                f"LoRA rank r must be >= 1 (or 0 for no LoRA: norms and biases only), got {self.r}."
+            )
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -156,27 +170,36 @@ class PerpSession:
         self.model, self.targets, self.options = model, targets, options
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         self._base_params = list(model.parameters())
+        self._backup: list[tuple[nn.Parameter, Tensor]] = []
 
     def attach(self) -> None:
         peft, _ = _peft()
         mask_cls, scale_cls = _layer_classes()
-        names = list(self.targets)
+        names = list(self.targets) if self.options.r > 0 else []
         head = self.model.get_output_embeddings()
-        if self.options.lm_head and head is not None:
+        if self.options.lm_head and head is not None and self.options.r > 0:
             if _tied_output_embeddings(self.model):
-                log.info("lm_head is tied to the input embeddings: PERP leaves it out (a merge would change both)")
+                log.info(
+                    "lm_head is tied to the input embeddings: PERP leaves it out (a merge would change both)"
+                )
             else:
                 names.append(next(n for n, m in self.model.named_modules() if m is head))
         for p in self.model.parameters():
             p.requires_grad_(False)
         if names:
-            config = peft.LoraConfig(r=self.options.r, lora_alpha=self.options.alpha, lora_dropout=0.0, target_modules=names)
+            config = peft.LoraConfig(
+                r=self.options.r, lora_alpha=self.options.alpha, lora_dropout=0.0, target_modules=names
+            )
             cls = mask_cls if self.options.lora == "mask" else scale_cls
             config._register_custom_module({nn.Linear: cls, **_conv1d_mapping(cls)})
             peft.inject_adapter_in_model(config, self.model, adapter_name=ADAPTER)
-        modules = dict(self.model.named_modules())
-        for name, (base, keep) in self.targets.items():
-            modules[name].set_keep(masking.to_weight_layout(base, keep))
+        for name, module in self.model.named_modules():
+            if isinstance(module, mask_cls):
+                if name in self.targets:
+                    base, keep = self.targets[name]
+                    module.set_keep(masking.to_weight_layout(base, keep))
+                else:
+                    module.as_plain_lora()
         for module in self.model.modules():
             if _is_norm(module) and self.options.train_norms:
                 for p in module.parameters(recurse=False):
@@ -184,6 +207,8 @@ class PerpSession:
             bias = getattr(module, "bias", None)
             if self.options.train_biases and isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
+        base = {id(p) for p in self._base_params}  # norms and biases are trained in place: keep a copy
+        self._backup = [(p, p.detach().clone()) for p in self.parameters() if id(p) in base]
 
     def parameters(self, scope: nn.Module | None = None) -> list[nn.Parameter]:
         """Trainable parameters, all of them or only those inside ``scope`` (one block)."""
@@ -200,17 +225,22 @@ class PerpSession:
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def finish(self) -> None:
-        """Merge every adapter into its base weight and put the plain Linear back; restore requires_grad."""
+    def finish(self, merge: bool = True) -> None:
+        """Merge every adapter into its base weight (``merge=False``: drop them, e.g. after a failure),
+        put the plain Linear back and restore ``requires_grad``."""
         mask_cls, _ = _layer_classes()
         for name, module in list(self.model.named_modules()):
             if isinstance(module, mask_cls):
-                module.merge(adapter_names=[ADAPTER])
+                if merge:
+                    module.merge(adapter_names=[ADAPTER])
                 parent_name, _, child = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
                 setattr(parent, child, module.get_base_layer())
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
+        if not merge:
+            for p, saved in self._backup:
+                p.copy_(saved)
         for p in self._base_params:
             p.requires_grad_(self._requires_grad.get(id(p), False))
 

@@ -1,4 +1,4 @@
-"""PERP's reconstruct mode: per decoder block, train that block's recovery parameters to match the DENSE block.
+"""PERP's reconstruct mode: per decoder block, train its recovery parameters to match the DENSE block.
 
 Block by block, as the pruning engines run: the inputs of block i are the outputs of the already
 recovered blocks before it (propagated through the pruned model), and the targets are what the dense
@@ -13,6 +13,7 @@ Activations for all windows are held for the current block (inputs and targets),
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ def _hidden(out: Any) -> Tensor:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Tensor]) -> list[BlockCall]:
-    """Inputs and ALL keyword arguments of ``block`` for each batch (forward pre-hook, model run stops there)."""
+    """Inputs and ALL keyword arguments of ``block`` per batch (forward pre-hook; the run stops there)."""
     calls: list[BlockCall] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -58,10 +59,8 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Tenso
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return calls
@@ -98,6 +97,15 @@ def reconstruct_block(
     return run(loss_fn, order(), optimizer, settings, max_seconds=max_seconds, on_step=on_step, desc=desc)
 
 
+def _mse(outputs: list[Tensor], targets: list[Tensor]) -> float:
+    """Mean squared error over every element of every batch."""
+    total = sum(
+        float(F.mse_loss(y.float(), t.float(), reduction="sum"))
+        for y, t in zip(outputs, targets, strict=True)
+    )
+    return total / sum(t.numel() for t in targets)
+
+
 def _move(module: nn.Module, device: torch.device) -> torch.device:
     src = next(module.parameters()).device
     if src != device:
@@ -105,12 +113,20 @@ def _move(module: nn.Module, device: torch.device) -> torch.device:
     return src
 
 
-def reconstruct(model: nn.Module, dense_model: nn.Module, session, input_ids: Tensor, settings: TrainSettings) -> tuple[LoopResult, list[dict]]:
+def reconstruct(
+    model: nn.Module,
+    dense_model: nn.Module,
+    session,
+    input_ids: Tensor,
+    settings: TrainSettings,
+    *,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[LoopResult, list[dict]]:
     """Run the reconstruct mode over every block; returns the merged loop record and per-block losses."""
     blocks, dense_blocks = masking.decoder_blocks(model), masking.decoder_blocks(dense_model)
     if [n for n, _ in blocks] != [n for n, _ in dense_blocks]:
         raise ConfigError(
-            "dense_model does not have the blocks of the pruned model: pass a dense copy of the same architecture."
+            "dense_model does not have the blocks of the pruned model: pass a dense copy of the same model."
         )
     device = next(model.parameters()).device
     batches = list(input_ids.split(settings.batch_size))
@@ -118,12 +134,13 @@ def reconstruct(model: nn.Module, dense_model: nn.Module, session, input_ids: Te
     total = LoopResult()
     per_block: list[dict] = []
     start = time.perf_counter()
-    for i, ((name, block), (_, dense)) in enumerate(zip(blocks, dense_blocks)):
+    for i, ((name, block), (_, dense)) in enumerate(zip(blocks, dense_blocks, strict=True)):
         home = _move(dense, device)
         targets = block_outputs(dense, calls)
         _move(dense, home)
         params = session.parameters(block)
         record = {"block": name, "trainable": sum(p.numel() for p in params)}
+        record["initial_error"] = _mse(block_outputs(block, calls), targets)
         if params:
             budget = None
             if settings.max_seconds is not None:
@@ -137,13 +154,15 @@ def reconstruct(model: nn.Module, dense_model: nn.Module, session, input_ids: Te
                     settings,
                     seed=settings.seed + i,
                     max_seconds=budget,
-                    on_step=session.after_step,
+                    on_step=on_step or session.after_step,
                     desc=f"({i + 1}/{len(blocks)}) reconstructing",
                 )
             total.losses += res.losses
             total.steps_done += res.steps_done
             record.update(first_loss=res.losses[0], last_loss=res.losses[-1], steps=res.steps_done)
         per_block.append(record)
-        calls = [(y, kw) for y, (_, kw) in zip(block_outputs(block, calls), calls)]  # propagate (recovered) block
+        outputs = block_outputs(block, calls)  # propagate through the recovered block
+        record["final_error"] = _mse(outputs, targets)
+        calls = [(y, kw) for y, (_, kw) in zip(outputs, calls, strict=True)]
     total.seconds = time.perf_counter() - start
     return total, per_block

@@ -59,7 +59,9 @@ class TrainSettings:
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if self.optim not in OPTIMIZERS:
-            raise ConfigError(f"unknown optim {self.optim!r}{did_you_mean(self.optim, OPTIMIZERS)}: use {OPTIMIZERS}.")
+            raise ConfigError(
+                f"unknown optim {self.optim!r}{did_you_mean(self.optim, OPTIMIZERS)}: use {OPTIMIZERS}."
+            )
 
 
 @dataclass
@@ -106,7 +108,7 @@ def lr_factor(step: int, steps: int, elapsed: float, max_seconds: float | None, 
         progress_end = max(progress_end, progress)
     if warmup_ratio > 0 and progress_end <= warmup_ratio:
         return progress_end / warmup_ratio
-    return max(0.0, (1.0 - progress) / (1.0 - warmup_ratio))
+    return min(1.0, max(0.0, (1.0 - progress) / (1.0 - warmup_ratio)))
 
 
 def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
@@ -128,7 +130,7 @@ def run(
     on_step: Callable[[int], None] | None = None,
     desc: str = "recovering",
 ) -> LoopResult:
-    """Minimise ``loss_fn(batch)`` for ``settings.steps`` optimiser steps or ``max_seconds``, whichever ends first.
+    """Minimise ``loss_fn(batch)`` for ``settings.steps`` steps or ``max_seconds``, whichever ends first.
 
     ``max_seconds`` overrides ``settings.max_seconds`` (the reconstruct mode gives each block its share).
     ``on_step(step)`` runs after every optimiser step (LIFT refreshes its selection there).
@@ -141,7 +143,9 @@ def run(
     bar = tqdm(total=settings.steps, desc=desc, leave=False, dynamic_ncols=True)
     try:
         for step in range(settings.steps):
-            factor = lr_factor(step, settings.steps, time.perf_counter() - start, max_seconds, settings.warmup_ratio)
+            factor = lr_factor(
+                step, settings.steps, time.perf_counter() - start, max_seconds, settings.warmup_ratio
+            )
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             total = 0.0

@@ -32,10 +32,14 @@ from torch import Tensor
 
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import get_solver, register_solver
-from llmprune.solvers.qubo import anneal, qubo_energy
+from llmprune.solvers.hessian import check_dampening
+from llmprune.solvers.qubo import anneal, intra_op_threads
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, SolverResult
 
 log = logging.getLogger(__name__)
+
+#: rows of block QUBOs annealed at once are capped so that rows x restarts x B^2 stays below this
+_MAX_QUBO_ENTRIES = 1 << 24
 
 
 def mask_objective(weight: Tensor, hessian: Tensor, keep: Tensor) -> Tensor:
@@ -51,38 +55,93 @@ def _rank(score: Tensor) -> Tensor:
 
 
 def _pick(tier: Tensor, score: Tensor, count: int) -> Tensor:
-    """Indices of ``count`` entries per row: lowest tier first, highest score within a tier."""
-    width = score.shape[-1]
-    key = tier * width + _rank(score)
-    return torch.topk(key, count, dim=-1, largest=False, sorted=True).indices
+    """Indices of ``count`` entries per row: lowest tier first, highest score within a tier.
+
+    One ``topk`` on ``score - tier * span``, where ``span`` exceeds the row's score range, so tiers
+    never mix (a full sort of the row is ten times slower). Scores must be finite.
+    """
+    span = score.amax(-1, keepdim=True) - score.amin(-1, keepdim=True) + 1.0  # (rows, 1)
+    return torch.topk(score - tier * (2.0 * span), count, dim=-1, sorted=False).indices
 
 
-def _select_unstructured(gain: Tensor, cost: Tensor, pruned: Tensor, blocked: Tensor, frozen: Tensor, k: int, size: int) -> Tensor:
+def _select_unstructured(
+    gain: Tensor, cost: Tensor, pruned: Tensor, held: Tensor, k: int, size: int
+) -> Tensor:
     """(rows, size) block: k pruned weights most worth restoring + size - k kept ones cheapest to prune.
 
-    Tiers keep the block well formed when a row runs short of eligible weights: tabu ones come
-    next, then frozen ones, then the other kind (the annealer then just sees another count).
+    ``pruned`` is 1.0 where pruned; ``held`` (rows, in) is 0 for eligible weights, 1 for tabu ones, 2
+    for frozen ones: a row short of eligible weights takes tabu ones, then frozen ones, then the other
+    kind (the annealer then just sees another count of ones). Tiers are float arithmetic, not
+    ``torch.where``, which is several times slower on CPU.
     """
-    kept = ~pruned
-    base = torch.where(blocked & ~frozen, 1, torch.where(frozen, 2, 0))  # (rows, in)
-    first = _pick(torch.where(pruned, base, 3), gain, k)
-    taken = torch.zeros_like(pruned).scatter_(-1, first, True)
-    tier = torch.where(kept, base, 3).masked_fill(taken, 4)
-    second = _pick(tier, -cost, size - k)
-    return torch.cat([first, second], dim=-1)
+    tier_pruned = (held - 3.0).mul_(pruned).add_(3.0)  # held where pruned, 3 where kept
+    first = _pick(tier_pruned, gain, k)
+    tier_kept = (held + 3.0).sub_(tier_pruned).scatter_(-1, first, 4.0)  # held where kept, 3 where pruned
+    return torch.cat([first, _pick(tier_kept, -cost, size - k)], dim=-1)
 
 
-def _select_groups(
-    gain: Tensor, cost: Tensor, pruned: Tensor, blocked: Tensor, frozen: Tensor, m: int, groups: int
-) -> Tensor:
-    """(rows, groups * m) block of whole aligned groups with the best estimated swap gain."""
-    rows, width = gain.shape
-    g_gain = gain.masked_fill(~pruned, -math.inf).view(rows, -1, m).amax(-1)  # (rows, in/m)
-    g_cost = cost.masked_fill(pruned, math.inf).view(rows, -1, m).amin(-1)
-    estimate = torch.nan_to_num(g_gain - g_cost, nan=-math.inf)
-    tier = torch.where(frozen, 2, torch.where(blocked, 1, 0))
-    chosen = _pick(tier, estimate, groups)  # (rows, groups)
+def _group_estimate(gain: Tensor, cost: Tensor, pruned: Tensor, m: int) -> Tensor:
+    """(rows, in/m) best single swap saving per aligned group, ignoring the pair's coupling."""
+    rows = gain.shape[0]
+    is_pruned = pruned > 0.5
+    best_gain = gain.masked_fill(~is_pruned, -math.inf).view(rows, -1, m).amax(-1)
+    best_cost = cost.masked_fill(is_pruned, math.inf).view(rows, -1, m).amin(-1)
+    return torch.nan_to_num(best_gain - best_cost, nan=-1e30, posinf=1e30, neginf=-1e30)
+
+
+def _select_groups(gain: Tensor, cost: Tensor, pruned: Tensor, held: Tensor, m: int, groups: int) -> Tensor:
+    """(rows, groups * m) block of whole aligned groups with the best estimated swap saving."""
+    rows = gain.shape[0]
+    chosen = _pick(held, _group_estimate(gain, cost, pruned, m), groups)  # (rows, groups)
     return (chosen.unsqueeze(-1) * m + torch.arange(m)).reshape(rows, groups * m)
+
+
+def _frozen(gain: Tensor, cost: Tensor, pruned: Tensor, fraction: float, group_size: int | None) -> Tensor:
+    """(rows, units) 1.0 for units never put in a block: surely pruned or surely kept from the start.
+
+    Unstructured: the ``fraction`` of each row's pruned weights least worth restoring and of its kept
+    weights dearest to prune. N:M: the ``fraction`` of groups with the lowest estimated swap saving.
+    """
+    if group_size:
+        estimate = _group_estimate(gain, cost, pruned, group_size)
+        return (_rank(-estimate) < int(fraction * estimate.shape[-1])).float()
+    is_pruned = pruned > 0.5
+    n_pruned = is_pruned.sum(-1, keepdim=True)
+    width = pruned.shape[-1]
+    low_gain = _rank(-gain.masked_fill(~is_pruned, math.inf)) < (fraction * n_pruned).floor()
+    high_cost = _rank(cost.masked_fill(is_pruned, -math.inf)) < (fraction * (width - n_pruned)).floor()
+    return ((is_pruned & low_gain) | (~is_pruned & high_cost)).float()
+
+
+def _solve_blocks(
+    w32: Tensor,
+    h32: Tensor,
+    f2: Tensor,
+    pruned32: Tensor,
+    idx: Tensor,
+    group_size: int | None,
+    **anneal_options,
+) -> Tensor:
+    """Anneal every row's block QUBO; rows go in chunks so that Q (rows, B, B) stays a few hundred MB.
+
+    The block's QUBO is ``Q_bb`` and ``c = 2 Q_bo x_o = (2 Q x)_b - 2 Q_bb x_b``: the rest of the
+    row, fixed, seen by the block as a linear term. Returns the new block assignment (out, B) bool.
+    """
+    rows, width = w32.shape
+    size = idx.shape[1]
+    chunk = max(1, _MAX_QUBO_ENTRIES // (size * size * anneal_options.get("restarts", 1)))
+    out = []
+    for r0 in range(0, rows, chunk):
+        sl = slice(r0, min(rows, r0 + chunk))
+        ix = idx[sl]  # (r, B)
+        wb = w32[sl].gather(1, ix)  # (r, B)
+        pair = (ix.unsqueeze(-1) * width + ix.unsqueeze(-2)).view(-1)
+        q = h32.view(-1).index_select(0, pair).view(-1, size, size)
+        q.mul_(wb.unsqueeze(-1) * wb.unsqueeze(-2))  # (r, B, B) = (w w^T) ∘ H on the block
+        x = pruned32[sl].gather(1, ix)  # (r, B)
+        linear = f2[sl].gather(1, ix).sub_(torch.bmm(q, x.unsqueeze(-1)).squeeze(-1), alpha=2.0)
+        out.append(anneal(q, linear, x, group_size=group_size, **anneal_options)[0])
+    return torch.cat(out)
 
 
 def refine_mask(
@@ -91,90 +150,268 @@ def refine_mask(
     keep: Tensor,
     *,
     group_size: int | None = None,
-    steps: int = 40,
-    block_size: int = 64,
+    steps: int = 20,
+    block_size: int = 32,
     block_pruned: int | None = None,
-    sweeps: int = 16,
-    restarts: int = 2,
-    tabu_steps: int = 4,
+    sweeps: int = 2,
+    restarts: int = 1,
+    tabu_steps: int = 2,
     frozen_fraction: float = 0.0,
-    beta_range: tuple[float, float] = (0.3, 300.0),
+    beta_range: tuple[float, float] = (3.0, 300.0),
     time_budget: float | None = None,
     generator: torch.Generator | None = None,
     history: list[float] | None = None,
 ) -> Tensor:
     """Block coordinate descent on the keep-mask of ``weight`` (out, in) under ``hessian`` (in, in).
 
-    Returns a new keep-mask with the same pruned count per row (per aligned group of ``group_size``
-    for N:M). ``history``, if given, receives the layer objective after every step (index 0 = the
-    starting mask), which never increases.
+    Returns a new keep-mask with the same pruned count in every row (in every aligned group of
+    ``group_size`` for N:M). ``history``, if given, receives the layer objective (sum of
+    :func:`mask_objective`) before the first step and after each step; it never increases.
     """
-    w = weight.to(torch.float64)  # (out, in)
-    h = hessian.to(torch.float64)  # (in, in)
-    w32, h32 = weight.to(torch.float32), hessian.to(torch.float32)
+    w32 = weight.detach().to(torch.float32)  # (out, in)
+    h32 = hessian.detach().to(torch.float32)  # (in, in)
+    w, h = w32.to(torch.float64), h32.to(torch.float64)  # exact copies: the objective is fp64
     rows, width = w.shape
-    pruned = ~keep.clone()  # (out, in) bool, True = pruned
-    diag_q = w * w * torch.diagonal(h)  # (out, in) = Q_jj
-    unit = group_size or 1
-    units = width // unit
+    pruned = (~keep).to(torch.float64)  # (out, in) 1.0 = pruned
+    diag_q = w32 * w32 * torch.diagonal(h32)  # (out, in) = Q_jj
+    units = width // (group_size or 1)
     size = min(block_size, width)
     if group_size:
-        groups_per_block = max(1, min(units, size // group_size))
-        size = groups_per_block * group_size
-    k = min(size - 1, max(1, block_pruned if block_pruned is not None else size // 2))
+        size = max(1, min(units, size // group_size)) * group_size
+    k = min(size - 1, max(1, block_pruned if block_pruned is not None else size // 4))
 
-    def field() -> Tensor:  # (out, in) float64: (Q x)_j for every row
-        return w * ((w * pruned) @ h)
+    threads = torch.get_num_threads()
 
-    f = field()
-    if history is not None:
-        history.append(float((f * pruned).sum()))
-    gain, cost = 2 * f - diag_q, 2 * f + diag_q  # saving of restoring j / cost of pruning j
+    def field(pruned: Tensor) -> tuple[Tensor, Tensor]:
+        """(Q x)_j of every weight of every row (out, in), and the row losses x^T Q x (out,), fp64."""
+        with intra_op_threads(threads):  # one big GEMM: the caller's threads pay off here
+            f = w * ((w * pruned) @ h)
+        return f, (f * pruned).sum(-1)
 
-    # frozen: the fraction of pruned weights least worth restoring and of kept ones dearest to prune
-    frozen = torch.zeros(rows, units, dtype=torch.bool)
-    if frozen_fraction > 0 and not group_size:
-        n_p = pruned.sum(-1, keepdim=True)
-        frozen = pruned & (_rank(-gain.masked_fill(~pruned, math.inf)) < (frozen_fraction * n_p).floor())
-        n_k = width - n_p
-        frozen |= ~pruned & (_rank(cost.masked_fill(pruned, -math.inf)) < (frozen_fraction * n_k).floor())
-    elif frozen_fraction > 0:
-        est = gain.masked_fill(~pruned, -math.inf).view(rows, units, unit).amax(-1)
-        est = est - cost.masked_fill(pruned, math.inf).view(rows, units, unit).amin(-1)
-        est = torch.nan_to_num(est, nan=-math.inf)
-        frozen = _rank(-est) < int(frozen_fraction * units)
+    def marginals(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """fp32 (2 Q x), the saving of restoring each pruned weight, the cost of pruning each kept one."""
+        f2 = 2.0 * f.to(torch.float32)
+        return f2, f2 - diag_q, f2 + diag_q
 
-    tabu_until = torch.zeros(rows, units, dtype=torch.long)
-    start = time.perf_counter()
-    row_idx = torch.arange(rows).unsqueeze(-1)
-    for step in range(steps):
-        if time_budget is not None and time.perf_counter() - start >= time_budget:
-            log.debug("time budget %.1fs reached after %d steps", time_budget, step)
-            break
-        blocked = tabu_until > step
-        if group_size:
-            idx = _select_groups(gain, cost, pruned, blocked, frozen, group_size, size // group_size)
-            idx_units = idx[:, ::group_size] // group_size
-        else:
-            idx = _select_unstructured(gain, cost, pruned, blocked, frozen, k, size)
-            idx_units = idx
-        tabu_until[row_idx, idx_units] = step + 1 + tabu_steps
-
-        wb = w32.gather(1, idx)  # (out, B)
-        q = wb.unsqueeze(-1) * wb.unsqueeze(-2) * h32[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (out, B, B)
-        x = pruned.gather(1, idx)  # (out, B)
-        q64 = q.to(torch.float64)
-        # c = 2 Q_bo x_o: the rest of the row, seen by the block as a linear term
-        linear = 2 * (f.gather(1, idx) - (q64 @ x.to(torch.float64).unsqueeze(-1)).squeeze(-1))
-        x_new, _ = anneal(
-            q, linear.to(torch.float32), x, group_size=group_size, sweeps=sweeps, restarts=restarts,
-            beta_range=beta_range, generator=generator,
-        )
-        better = qubo_energy(q64, x_new, linear) < qubo_energy(q64, x, linear)  # (out,)
-        if bool(better.any()):
-            pruned.scatter_(1, idx, torch.where(better.unsqueeze(-1), x_new, x))
-            f = field()
-            gain, cost = 2 * f - diag_q, 2 * f + diag_q
+    # many small ops per step: one thread avoids a hand-off per op (see qubo.intra_op_threads)
+    with intra_op_threads(1):
+        f, loss = field(pruned)
+        f2, gain, cost = marginals(f)
         if history is not None:
-            history.append(float((f * pruned).sum()))
-    return ~pruned
+            history.append(float(loss.sum()))
+        frozen = torch.zeros(rows, units)
+        if frozen_fraction > 0:
+            frozen = _frozen(gain, cost, pruned.to(torch.float32), frozen_fraction, group_size)
+        tabu_until = torch.zeros(rows, units)
+        start = time.perf_counter()
+        for step in range(steps):
+            if time_budget is not None and time.perf_counter() - start >= time_budget:
+                log.debug("time budget of %.1fs reached after %d of %d steps", time_budget, step, steps)
+                break
+            held = torch.maximum((tabu_until > step).to(torch.float32), 2.0 * frozen)  # (rows, units)
+            pruned32 = pruned.to(torch.float32)
+            if group_size:
+                idx = _select_groups(gain, cost, pruned32, held, group_size, size // group_size)
+                tabu_until.scatter_(1, idx[:, ::group_size] // group_size, float(step + 1 + tabu_steps))
+            else:
+                idx = _select_unstructured(gain, cost, pruned32, held, k, size)
+                tabu_until.scatter_(1, idx, float(step + 1 + tabu_steps))
+            x_new = _solve_blocks(
+                w32,
+                h32,
+                f2,
+                pruned32,
+                idx,
+                group_size,
+                sweeps=sweeps,
+                restarts=restarts,
+                beta_range=beta_range,
+                generator=generator,
+            )
+            # keep a row's new block only if its exact fp64 loss drops: the layer loss is monotone in steps
+            trial = pruned.scatter(1, idx, x_new.to(torch.float64))
+            f_trial, loss_trial = field(trial)
+            better = (loss_trial < loss).nonzero().squeeze(1)  # (improved rows,)
+            if better.numel():
+                pruned.index_copy_(0, better, trial.index_select(0, better))
+                f.index_copy_(0, better, f_trial.index_select(0, better))
+                loss.index_copy_(0, better, loss_trial.index_select(0, better))
+                f2, gain, cost = marginals(f)
+            if history is not None:
+                history.append(float(loss.sum()))
+    return pruned < 0.5
+
+
+def _check_options(
+    init: str,
+    steps: int,
+    block_size: int,
+    block_pruned: int | None,
+    sweeps: int,
+    restarts: int,
+    tabu_steps: int,
+    frozen_fraction: float,
+    beta_range: tuple[float, float],
+    time_budget: float | None,
+    update: bool,
+    dampening_frac: float,
+) -> None:
+    def positive_int(name: str, value: object, low: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"icbs option {name} must be an integer >= {low}, got {value!r}.")
+
+    if not isinstance(update, bool):
+        raise ConfigError(f"icbs option update must be true or false, got {update!r}.")
+    if update:
+        check_dampening(dampening_frac)
+    if init == "icbs":
+        raise ConfigError(
+            "icbs cannot start from its own mask: set init to a one-shot method such as 'wanda'."
+        )
+    positive_int("steps", steps, 0)
+    positive_int("block_size", block_size, 2)
+    positive_int("sweeps", sweeps)
+    positive_int("restarts", restarts)
+    positive_int("tabu_steps", tabu_steps, 0)
+    if block_pruned is not None:
+        positive_int("block_pruned", block_pruned)
+        if block_pruned >= block_size:
+            raise ConfigError(
+                f"icbs option block_pruned={block_pruned} must be smaller than block_size={block_size}: a "
+                "block needs both pruned and kept weights to swap."
+            )
+    if (
+        isinstance(frozen_fraction, bool)
+        or not isinstance(frozen_fraction, (int, float))
+        or not (0.0 <= frozen_fraction < 1.0)
+    ):
+        raise ConfigError(f"icbs option frozen_fraction must be in [0, 1), got {frozen_fraction!r}.")
+    if (
+        not isinstance(beta_range, (tuple, list))
+        or len(beta_range) != 2
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in beta_range)
+        or not 0 < beta_range[0] <= beta_range[1] < math.inf
+    ):
+        raise ConfigError(
+            f"icbs option beta_range must be two numbers 0 < start <= end, e.g. [3, 300], got {beta_range!r}."
+        )
+    if time_budget is not None and (
+        isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not time_budget > 0
+    ):
+        raise ConfigError(
+            f"icbs option time_budget must be a number of seconds > 0 or None, got {time_budget!r}."
+        )
+
+
+@register_solver("icbs", needs={SQ_NORMS, HESSIAN})
+def icbs(
+    problem: LayerProblem,
+    *,
+    init: str = "wanda",
+    steps: int = 20,
+    block_size: int = 32,
+    block_pruned: int | None = None,
+    sweeps: int = 2,
+    restarts: int = 1,
+    tabu_steps: int = 2,
+    frozen_fraction: float = 0.0,
+    beta_range: tuple[float, float] = (3.0, 300.0),
+    seed: int = 0,
+    time_budget: float | None = None,
+    update: bool = False,
+    dampening_frac: float = 0.01,
+) -> SolverResult:
+    """iCBS: refine a one-shot mask by block coordinate descent on the layer loss (annealed QUBOs).
+
+    ``init`` names the solver of the starting mask (its weight update, if any, is ignored). Each of
+    ``steps`` steps re-solves, in every row, a block of ``block_size`` weights of which
+    ``block_pruned`` (default a quarter) are pruned, by ``sweeps`` x ``block_size`` annealing moves
+    in each of ``restarts`` chains, ``beta_range`` being the inverse temperatures (in units of the
+    row's spread of flip costs). Weights picked in the last ``tabu_steps`` steps sit out, and a
+    ``frozen_fraction`` of surely pruned / surely kept weights never enters a block. ``time_budget``
+    caps the seconds spent on steps per layer (results then depend on machine speed). Sparsity per
+    row (per N:M group) is the init mask's, exactly. ``update=True`` finally reconstructs the kept
+    weights with SparseGPT's fixed-mask sweep (``dampening_frac`` as in sparsegpt).
+    """
+    _check_options(
+        init,
+        steps,
+        block_size,
+        block_pruned,
+        sweeps,
+        restarts,
+        tabu_steps,
+        frozen_fraction,
+        beta_range,
+        time_budget,
+        update,
+        dampening_frac,
+    )
+    weight, spec = problem.weight, problem.spec
+    out, width = weight.shape
+    if spec.is_dense:
+        return SolverResult(keep=torch.ones_like(weight, dtype=torch.bool))
+    spec.check_width(width, problem.name)
+    hessian = problem.stats.hessian
+    if hessian is None or hessian.shape != (width, width):
+        raise DataError(
+            f"icbs needs the ({width}, {width}) input Hessian of {problem.name}, got "
+            f"{None if hessian is None else tuple(hessian.shape)}: collect LayerStats with needs={{HESSIAN}}."
+        )
+    if not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(weight).all()):
+        raise DataError(
+            f"{problem.name} has NaN/inf weights or calibration Hessian: check the checkpoint, and calibrate "
+            "in float32 or bfloat16 rather than float16."
+        )
+    starter = get_solver(init)
+    missing = starter.needs - {SQ_NORMS, HESSIAN}
+    if missing:
+        raise ConfigError(
+            f"icbs init={init!r} needs statistics icbs does not collect ({', '.join(sorted(missing))}): "
+            "choose another init, e.g. 'wanda'."
+        )
+    keep = starter(problem).keep.to(torch.bool)
+    if keep.shape != weight.shape:
+        raise DataError(
+            f"init solver {init!r} returned a mask of shape {tuple(keep.shape)}, not {(out, width)}."
+        )
+    if bool(keep.all()) or not bool(keep.any()):
+        return SolverResult(keep=keep)  # nothing to swap
+    generator = torch.Generator().manual_seed(seed)
+    history: list[float] = []
+    started = time.perf_counter()
+    keep = refine_mask(
+        weight,
+        hessian,
+        keep,
+        group_size=spec.pattern.m if spec.pattern else None,
+        steps=steps,
+        block_size=block_size,
+        block_pruned=block_pruned,
+        sweeps=sweeps,
+        restarts=restarts,
+        tabu_steps=tabu_steps,
+        frozen_fraction=frozen_fraction,
+        beta_range=tuple(beta_range),
+        time_budget=time_budget,
+        generator=generator,
+        history=history,
+    )
+    log.debug(
+        "icbs %s: layer loss %.4g -> %.4g (%.1f%% of %s's) in %d steps, %.1fs",
+        problem.name,
+        history[0],
+        history[-1],
+        100.0 * history[-1] / history[0] if history[0] > 0 else 100.0,
+        init,
+        len(history) - 1,
+        time.perf_counter() - started,
+    )
+    if not update:
+        return SolverResult(keep=keep)
+    from llmprune.solvers.sparsegpt import reconstruct_with_mask  # lazy: only this option needs it
+
+    new_weight = reconstruct_with_mask(
+        weight, hessian, keep, dampening_frac=dampening_frac, name=problem.name
+    )
+    return SolverResult(keep=keep, weight=new_weight)

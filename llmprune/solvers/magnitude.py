@@ -7,7 +7,6 @@ weights, the other layers' ratios rising until the global target is met.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from llmprune.errors import ConfigError

@@ -10,23 +10,47 @@ All functions are batched over a leading dimension (one independent problem per 
 from __future__ import annotations
 
 import itertools
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
-
 
 #: half of the penalty that rules a non-swap out of a best-partner search (float32 max is 3.4e38)
 _HALF_BIG = 1e30
 
 
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run torch ops on ``threads`` intra-op threads inside the block, then restore the caller's.
+
+    Annealing is thousands of small ops in a row; with more than one thread each op pays a thread
+    hand-off, which made it 10-100x slower on a 2-core machine (worst when the cores are busy).
+    """
+    previous = torch.get_num_threads()
+    if previous == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def qubo_energy(q: Tensor, x: Tensor, linear: Tensor | None = None) -> Tensor:
-    """``x^T Q x + c^T x`` in float64. q: (..., B, B) symmetric, x and linear: (..., B) -> (...)."""
-    q64, x64 = q.to(torch.float64), x.to(torch.float64)
-    energy = ((q64 @ x64.unsqueeze(-1)).squeeze(-1) * x64).sum(-1)
+    """``x^T Q x + c^T x`` in float64, for several x per Q at once.
+
+    q: (batch, B, B) symmetric; x: (batch, B) or (batch, S, B); linear: (batch, B). -> (batch,) or
+    (batch, S).
+    """
+    q64 = q.to(torch.float64)
+    single = x.dim() == q.dim() - 1
+    x64 = (x.unsqueeze(-2) if single else x).to(torch.float64)  # (batch, S, B)
+    energy = (torch.bmm(x64, q64) * x64).sum(-1)  # (batch, S)
     if linear is not None:
-        energy = energy + (linear.to(torch.float64) * x64).sum(-1)
-    return energy
+        energy = energy + (x64 * linear.to(torch.float64).unsqueeze(-2)).sum(-1)
+    return energy.squeeze(-1) if single else energy
 
 
 def _feasible_points(counts: list[int], group_size: int) -> Tensor:
@@ -122,46 +146,52 @@ def anneal(
     best_sign, best_e = sign.clone(), energy.clone()
 
     group_of = torch.arange(width, device=device) // size  # (B,)
-    group_penalty = (group_of.unsqueeze(0) != torch.arange(groups).unsqueeze(1)).to(torch.float32) * 2 * _HALF_BIG
+    other_group = group_of.unsqueeze(0) != torch.arange(groups, device=device).unsqueeze(1)  # (G, B)
+    group_penalty = other_group.to(torch.float32) * (2 * _HALF_BIG)
     chain_base = torch.arange(chains, device=device) * width
     row_base = owner * width
     moves = max(1, width)
     total = sweeps * moves
     lo, hi = beta_range
     inv_scale = (1.0 / scale)[owner]  # (chains,)
-    for sweep in range(sweeps):
-        anchors = torch.randint(0, width, (moves, chains), generator=generator, device=device)
-        u = torch.rand(moves, chains, generator=generator, device=device)
-        betas = lo * (hi / lo) ** (torch.arange(sweep * moves, (sweep + 1) * moves, device=device) / max(1, total - 1))
-        # Metropolis: accept iff dE < -log(u) / beta (in units of the problem's scale)
-        threshold = -torch.log(u.clamp_min(1e-30)) / (betas.unsqueeze(1) * inv_scale.unsqueeze(0))
-        for step in range(moves):
-            p = anchors[step]  # (chains,)
-            fp = chain_base + p
-            row_p = q_rows.index_select(0, row_base + p)  # (chains, B) = Q[p, :]
-            sign_p = sign_flat.index_select(0, fp)  # (chains,)
-            phi = torch.addcmul(diag_c, sign, s)  # (chains, B) flip costs
-            phi_p = phi.view(-1).index_select(0, fp)  # (chains,)
-            cost = phi.sub_(row_p, alpha=2.0).add_(phi_p.unsqueeze(1))
-            # same value as p (not a swap) or another group: +BIG, by float arithmetic (bool ops are slow)
-            cost.add_(torch.mul(sign, (sign_p * _HALF_BIG).unsqueeze(1)).add_(_HALF_BIG))
-            if groups > 1:
-                cost.add_(group_penalty.index_select(0, p // size))
-            best, partner = cost.min(-1)  # (chains,)
-            accept = best < threshold[step]
-            if not bool(accept.any()):
-                continue
-            # x_p moves by sign_p (0 -> 1 when sign_p = +1), x_q by -sign_p: s += 2 sign_p (Q_p - Q_q)
-            row_q = q_rows.index_select(0, row_base + partner)
-            step_size = torch.where(accept, 2.0 * sign_p, 0.0).unsqueeze(1)
-            s.addcmul_(row_p.sub_(row_q), step_size)
-            fq = chain_base + partner
-            sign_flat.index_copy_(0, fp, torch.where(accept, -sign_p, sign_p))
-            sign_flat.index_copy_(0, fq, torch.where(accept, sign_p, -sign_p))
-            energy += torch.where(accept, best, 0.0)
-        better = energy < best_e
-        best_e = torch.where(better, energy, best_e)
-        best_sign = torch.where(better.unsqueeze(1), sign, best_sign)
+    with intra_op_threads(1):
+        for sweep in range(sweeps):
+            anchors = torch.randint(0, width, (moves, chains), generator=generator, device=device)
+            u = torch.rand(moves, chains, generator=generator, device=device)
+            betas = lo * (hi / lo) ** (
+                torch.arange(sweep * moves, (sweep + 1) * moves, device=device) / max(1, total - 1)
+            )
+            # Metropolis: accept iff dE < -log(u) / beta (in units of the problem's scale)
+            threshold = -torch.log(u.clamp_min(1e-30)) / (betas.unsqueeze(1) * inv_scale.unsqueeze(0))
+            threshold.clamp_(max=_HALF_BIG)  # a penalised non-swap is never accepted
+            for step in range(moves):
+                p = anchors[step]  # (chains,)
+                fp = chain_base + p
+                row_p = q_rows.index_select(0, row_base + p)  # (chains, B) = Q[p, :]
+                sign_p = sign_flat.index_select(0, fp)  # (chains,)
+                phi = torch.addcmul(diag_c, sign, s)  # (chains, B) flip costs
+                phi_p = phi.view(-1).index_select(0, fp)  # (chains,)
+                cost = phi.sub_(row_p, alpha=2.0).add_(phi_p.unsqueeze(1))
+                # same value as p (not a swap) or another group: +BIG, by float arithmetic (bool ops are slow)
+                cost.add_(torch.mul(sign, (sign_p * _HALF_BIG).unsqueeze(1)).add_(_HALF_BIG))
+                if groups > 1:
+                    cost.add_(group_penalty.index_select(0, p // size))
+                best, partner = cost.min(-1)  # (chains,)
+                accept = best < threshold[step]
+                if not bool(accept.any()):
+                    continue
+                # x_p moves by sign_p (0 -> 1 when sign_p = +1), x_q by -sign_p: s += 2 sign_p (Q_p - Q_q).
+                # Float arithmetic instead of torch.where: much faster on CPU for these small vectors.
+                a = accept.to(torch.float32)
+                row_q = q_rows.index_select(0, row_base + partner)
+                s.addcmul_(row_p.sub_(row_q), (2.0 * a * sign_p).unsqueeze(1))
+                new_sign_p = sign_p * (1.0 - 2.0 * a)
+                sign_flat.index_copy_(0, fp, new_sign_p)
+                sign_flat.index_copy_(0, chain_base + partner, new_sign_p.neg_())
+                energy.addcmul_(a, best)
+            better = energy < best_e
+            best_e = torch.where(better, energy, best_e)
+            best_sign = torch.where(better.unsqueeze(1), sign, best_sign)
 
     # exact energies of every restart's best state, then the best restart of each problem
     x_all = (best_sign < 0).view(batch, restarts, width).to(torch.float64)
@@ -172,9 +202,4 @@ def anneal(
     return x_out > 0.5, exact.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
 
-def anneal_moves(width: int, sweeps: int) -> int:
-    """Proposals per chain of one ``anneal`` call (for logging and cost estimates)."""
-    return sweeps * max(1, width)
-
-
-__all__ = ["anneal", "anneal_moves", "exhaustive_minimum", "qubo_energy"]
+__all__ = ["anneal", "exhaustive_minimum", "intra_op_threads", "qubo_energy"]

@@ -2,8 +2,10 @@
 
 Each pruned weight's error is pushed onto the input columns not yet visited, through the upper
 Cholesky factor of the damped inverse Hessian (reference: github.com/IST-DASLab/sparsegpt, Apache-2.0).
-Columns are swept in blocks: inside a block every column updates the rest of the block at once, and
+Columns are swept in blocks: each column's error updates only the rest of its block at once, and
 the block's accumulated errors reach the later columns in one matrix product ("lazy batch update").
+Unlike the reference, the unstructured count is exact (per-block counts by cumulative rounding) and
+dead input channels are not zeroed outside the keep-mask.
 
 One sweep serves two callers: :func:`sparsegpt` chooses the mask as it goes (per column block for
 unstructured targets, per aligned group for N:M), :func:`reconstruct_with_mask` is handed a mask by
@@ -59,6 +61,8 @@ def _sweep(
     adaptive = keep is None
     pattern = spec.pattern if adaptive else None
     total = spec.num_pruned(out * width) if adaptive and pattern is None else 0
+    if pattern is not None:  # an N:M group's scores need its columns up to date: never straddle blocks
+        block_size = math.ceil(block_size / pattern.m) * pattern.m
     if adaptive:
         keep_t = torch.ones_like(w_t, dtype=torch.bool)  # (in, out)
     else:
@@ -133,6 +137,13 @@ def sparsegpt(problem: LayerProblem, *, block_size: int = 128, dampening_frac: f
     ``block_size`` columns share one mask choice and one lazy update (rounded up to a multiple of M
     for N:M so groups never straddle blocks); ``dampening_frac`` of mean(diag H) is added to the
     Hessian's diagonal. Returns the keep-mask and the updated weights, pruned entries exactly 0.0.
+
+    >>> from llmprune.solvers.types import LayerStats
+    >>> x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))  # (tokens, in)
+    >>> stats = LayerStats.from_inputs(x, {HESSIAN})
+    >>> r = sparsegpt(LayerProblem("fc1", torch.randn(4, 8), stats, SparsitySpec.parse("2:4")))
+    >>> int(r.keep.sum()), bool((r.weight[~r.keep] == 0).all())
+    (16, True)
     """
     _check_block_size(block_size)
     check_dampening(dampening_frac)
@@ -149,8 +160,6 @@ def sparsegpt(problem: LayerProblem, *, block_size: int = 128, dampening_frac: f
         )
     if not bool(torch.isfinite(weight).all()):
         raise DataError(f"{problem.name} has NaN/inf weights before pruning: check the loaded checkpoint.")
-    if spec.pattern is not None:
-        block_size = math.ceil(block_size / spec.pattern.m) * spec.pattern.m
     hessian = hessian.to(weight.device)
     # Dead columns (never active in calibration) are NOT zeroed as the reference does: only the
     # keep-mask writes zeros, so achieved sparsity is exactly the target. They score 0 (pruned first,

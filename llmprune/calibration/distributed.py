@@ -1,0 +1,208 @@
+"""Calibration across processes (``torchrun`` / ``accelerate launch``): same masks, less wall time.
+
+Each rank holds a contiguous share of the calibration *batches* (batches, not samples: a batch is the
+unit the block forward and the statistics are computed on, so every batch is computed exactly as a
+single process would). Per block:
+
+* statistics: every rank sums the tree nodes of its share (``stats.StatsAccumulator``); the partial
+  sums are broadcast and every rank finishes the same fixed tree, so the statistics are bit-identical
+  to one process, whatever the number of ranks (a plain ``all_reduce`` would add in an order that
+  depends on the world size);
+* solving: the block's Linears are dealt round-robin to the ranks; the owner solves (with a seed
+  derived from the module name, not from how many modules this rank solved before) and broadcasts the
+  new weight, the keep-mask and the report. Solving is where Hessian methods spend their time, so this
+  is where the ranks save it; broadcasting the result (rather than trusting every rank to compute the
+  same bits) also keeps ranks consistent on GPUs, whose kernels need not be deterministic;
+* the block reconstruction error: per-batch values are gathered and summed in batch order.
+
+Only rank 0 writes (checkpoints, the output folder). Bit-identity with one process assumes that the
+same batch through the same block gives the same bits on every rank: same device type, dtype and
+thread count (``torch.set_num_threads``), as CPU matmul kernels may split work by thread count.
+
+>>> # torchrun --nproc_per_node 2 -m llmprune prune --model ./llama --method sparsegpt  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmprune.calibration.modules import WeightView
+from llmprune.calibration.stats import Node, StatsAccumulator, combine, dyadic_nodes
+from llmprune.errors import ConfigError
+from llmprune.solvers.types import LayerStats
+
+log = logging.getLogger(__name__)
+
+
+class Comm:
+    """One process: every collective is the identity. Also the interface :class:`TorchComm` fills in."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def batch_range(self, num_batches: int, rank: int | None = None) -> range:
+        """The contiguous batches ``rank`` (default: this one) calibrates on."""
+        r = self.rank if rank is None else rank
+        return range(r * num_batches // self.world, (r + 1) * num_batches // self.world)
+
+    def owner(self, index: int) -> int:
+        """Which rank solves the ``index``-th Linear of a block."""
+        return index % self.world
+
+    def broadcast_tokens(self, input_ids: Tensor) -> Tensor:
+        return input_ids
+
+    def reduce_stats(self, accs: list[StatsAccumulator], num_batches: int) -> list[LayerStats]:
+        """Statistics over all batches, one per accumulator (accumulators listed in the same order on every rank)."""
+        return [acc.result() for acc in accs]
+
+    def share_solution(
+        self, owner: int, module: nn.Module, keep: Tensor | None, report: Any
+    ) -> tuple[Tensor, Any]:
+        """After ``owner`` solved ``module``: its weight, keep-mask and report on every rank."""
+        return keep, report
+
+    def sum_per_batch(self, values: list[list[float]], first_batch: int, num_batches: int) -> list[float]:
+        """Column sums of per-batch values (this rank's rows start at ``first_batch``), added in batch order."""
+        return _ordered_sums(values)
+
+    def barrier(self) -> None:
+        pass
+
+    def check_same(self, what: str, value: str) -> None:
+        """Raise if ``value`` differs between ranks (e.g. a model or settings fingerprint)."""
+
+
+def _ordered_sums(rows: list[list[float]]) -> list[float]:
+    totals = [0.0] * (len(rows[0]) if rows else 0)
+    for row in rows:
+        for j, v in enumerate(row):
+            totals[j] += v
+    return totals
+
+
+class TorchComm(Comm):
+    """``torch.distributed`` over an initialised process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        nccl = dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def _bcast(self, tensor: Tensor, src: int) -> Tensor:
+        """Broadcast ``tensor`` from ``src`` in place (through the collective device if it lives elsewhere)."""
+        if tensor.device == self.device:
+            self.dist.broadcast(tensor, src=src)
+            return tensor
+        moved = tensor.to(self.device)
+        self.dist.broadcast(moved, src=src)
+        tensor.copy_(moved)
+        return tensor
+
+    def _all_sum_int(self, value: int, op: Any = None) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self.dist.all_reduce(t, op=op or self.dist.ReduceOp.SUM)
+        return int(t.item())
+
+    def broadcast_tokens(self, input_ids: Tensor) -> Tensor:
+        shape = torch.tensor(list(input_ids.shape) if self.is_main else [0, 0], dtype=torch.int64)
+        self._bcast(shape, 0)
+        ids = input_ids.to(torch.int64).contiguous() if self.is_main else torch.empty(*shape.tolist(), dtype=torch.int64)
+        return self._bcast(ids, 0)
+
+    def reduce_stats(self, accs: list[StatsAccumulator], num_batches: int) -> list[LayerStats]:
+        out = []
+        for acc in accs:
+            local = acc.nodes()
+            mine, own = [(n.lo, n.hi) for n in local], self.batch_range(num_batches)
+            if mine != dyadic_nodes(own.start, own.stop):
+                raise RuntimeError(f"rank {self.rank}: partial sums {mine} do not match its batches")
+            count = self._all_sum_int(acc.num_tokens)
+            nodes: list[Node] = []
+            for r in range(self.world):
+                rr = self.batch_range(num_batches, r)
+                for k, (lo, hi) in enumerate(dyadic_nodes(rr.start, rr.stop)):
+                    if r == self.rank:
+                        node = local[k]
+                    else:
+                        node = acc.empty_stats()  # zero buffers of the right shapes, filled by the broadcast
+                        node = Node(lo, hi, node.sq_norms, node.hessian)
+                    for t in (node.sq_norms, node.hessian):
+                        if t is not None:
+                            self._bcast(t, r)
+                    nodes.append(node)
+            out.append(combine(nodes, count))
+        return out
+
+    def share_solution(
+        self, owner: int, module: nn.Module, keep: Tensor | None, report: Any
+    ) -> tuple[Tensor, Any]:
+        self._bcast(module.weight.data, owner)
+        shape = WeightView(module).shape  # keep-masks are (out, in)
+        flag = keep.to(torch.uint8) if self.rank == owner else torch.empty(shape, dtype=torch.uint8)
+        keep = self._bcast(flag.cpu().contiguous(), owner).bool()
+        box = [report if self.rank == owner else None]
+        self.dist.broadcast_object_list(box, src=owner, device=self.device if self.device.type != "cpu" else None)
+        return keep, box[0]
+
+    def sum_per_batch(self, values: list[list[float]], first_batch: int, num_batches: int) -> list[float]:
+        width = self._all_sum_int(len(values[0]) if values else 0, self.dist.ReduceOp.MAX)
+        full = torch.zeros(num_batches, width, dtype=torch.float64)
+        if values:
+            full[first_batch : first_batch + len(values)] = torch.tensor(values, dtype=torch.float64)
+        full = full.to(self.device)
+        # every entry has exactly one nonzero contributor, so this sum is exact in any order
+        self.dist.all_reduce(full)
+        return _ordered_sums(full.tolist())
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def check_same(self, what: str, value: str) -> None:
+        values: list[Any] = [None] * self.world
+        self.dist.all_gather_object(values, value)
+        if len(set(values)) > 1:
+            raise ConfigError(
+                f"ranks disagree on the {what}: every process must load the same model with the same settings."
+            )
+
+
+def current_comm() -> Comm:
+    """The process group if one is running (initialising it from ``torchrun`` variables if needed), else one process."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return Comm()
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Comm()
+        init_from_env()
+    return TorchComm() if dist.get_world_size() > 1 else Comm()
+
+
+def init_from_env(backend: str | None = None) -> None:
+    """Start the process group from the launcher's variables (RANK, WORLD_SIZE, MASTER_ADDR, …).
+
+    NCCL when CUDA is available, gloo otherwise; each rank takes the GPU ``LOCAL_RANK``.
+    """
+    import torch.distributed as dist
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    log.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)

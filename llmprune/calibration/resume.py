@@ -1,0 +1,292 @@
+"""Checkpoints after every block, so a killed run continues where it stopped and ends bit-identical.
+
+One folder per run::
+
+    state.json                        format, settings fingerprint, next_block: replaced atomically, LAST
+    block-00003.safetensors           block 3 after pruning, every tensor under its model name
+    block-00003.masks.safetensors     its keep-masks (8 per byte)
+    block-00003.json                  its module and block reports
+    hidden-00004/b000012.pt           block 4's inputs (pruned block 3's outputs), one file per batch
+    rng-00004.pt                      torch RNG states at that point
+
+Why this shape: every file of block ``i`` is complete (written to a temporary name, fsynced, renamed)
+before ``state.json`` says ``next_block = i + 1``, so a kill at any instant leaves either the old state
+(block ``i``'s files are ignored and rewritten) or the new one. Only the latest block boundary's hidden
+states are kept. Whole blocks rather than masks: SparseGPT also changes the kept weights, and in
+streaming mode a block file *is* the output shard, so nothing is written twice. The activations of
+batch ``b`` are named by its global index, so a resumed run may use a different number of processes.
+
+A settings fingerprint (method, options, selection, batch size, seed, calibration tokens, model config
+and embeddings, dtype, device type, llmprune version) refuses a resume that would mix two runs. The
+number of processes is not in it: results do not depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmprune.calibration.capture import BlockInputs, DiskList
+from llmprune.calibration.data import tokens_hash
+from llmprune.calibration.distributed import Comm
+from llmprune.errors import ConfigError, ModelLoadError
+from llmprune.result import BlockReport, ModuleReport, PruneResult
+
+log = logging.getLogger(__name__)
+
+FORMAT = "llmprune.progress.v1"
+
+
+def default_checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """``<parent>/.<name>.llmprune-progress``: beside ``output_dir``, not inside it, because the final
+    save replaces ``output_dir`` as a whole and refuses folders holding anything but a checkpoint."""
+    out = Path(output_dir).expanduser()
+    return out.parent / f".{out.name}.llmprune-progress"
+
+
+def resolve_checkpoint_dir(
+    checkpoint_dir: str | os.PathLike | None, output_dir: str | os.PathLike | None, resume: bool
+) -> Path | None:
+    """Where progress goes: ``checkpoint_dir``, else (when resuming) beside ``output_dir``, else nowhere."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir).expanduser()
+    if not resume:
+        return None
+    if output_dir is None:
+        raise ConfigError("resume=True needs checkpoint_dir=… (or output_dir=…, beside which progress is kept).")
+    return default_checkpoint_dir(output_dir)
+
+
+def _tensor_hash(t: Tensor) -> str:
+    """sha256 of at most ~1M evenly spaced elements: tells two checkpoints apart in milliseconds."""
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // (1 << 20))].cpu().contiguous()
+    return hashlib.sha256(sample.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def run_fingerprint(cfg, model: nn.Module, input_ids: Tensor, num_blocks: int, device: torch.device) -> dict[str, Any]:
+    """Everything that changes the pruned weights. ``cfg`` is the engine's ``EngineConfig``."""
+    import llmprune
+
+    sel = cfg.selection
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    embeddings = model.get_input_embeddings().weight
+    fp = {
+        "llmprune": llmprune.__version__,
+        "method": cfg.solver.name,
+        "options": cfg.options,
+        "sparsity": str(sel.default),
+        "targets": list(sel.targets),
+        "ignore": list(sel.ignore),
+        "overrides": {k: str(v) for k, v in sel.overrides.items()},
+        "true_sequential": cfg.true_sequential,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "calibration_hash": tokens_hash(input_ids),
+        "calibration_shape": list(input_ids.shape),
+        "model_config_hash": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "embeddings_hash": _tensor_hash(embeddings),
+        "num_blocks": num_blocks,
+        "dtype": str(embeddings.dtype),
+        "device": device.type,
+    }
+    return json.loads(json.dumps(fp, sort_keys=True, default=str))  # JSON-normal form, comparable after a reload
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def block_tensors(block: nn.Module, name: str) -> dict[str, Tensor]:
+    """A block's parameters and persistent buffers under their model names, on CPU, each storage once."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, t in block.state_dict().items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[f"{name}.{key}"] = t.cpu().contiguous()
+    return out
+
+
+class Progress:
+    """The checkpoint folder of one run: what is done, and the means to continue after it.
+
+    ``resumable=False`` keeps only the block weight files (streaming without ``resume``: the output
+    shards have to be written somewhere as blocks finish) and skips activations and state.
+    """
+
+    def __init__(self, folder: Path, comm: Comm, fingerprint: dict[str, Any], *, resumable: bool = True) -> None:
+        self.folder = Path(folder)
+        self.comm = comm
+        self.fingerprint = fingerprint
+        self.resumable = resumable
+        self.next_block = 0
+
+    @classmethod
+    def open(
+        cls, folder: str | os.PathLike, comm: Comm, fingerprint: dict[str, Any], *, resume: bool, resumable: bool = True
+    ) -> Progress:
+        """Continue the run recorded in ``folder`` (``resume=True``) or start a new one there."""
+        prog = cls(Path(folder).expanduser(), comm, fingerprint, resumable=resumable)
+        state_path = prog.folder / "state.json"
+        if resumable and state_path.is_file():
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            done = f"{state.get('next_block')}/{state.get('fingerprint', {}).get('num_blocks')} blocks done"
+            if not resume:
+                raise ConfigError(
+                    f"{prog.folder} holds the progress of an earlier run ({done}). Fix: pass resume=True "
+                    "(--resume) to continue it, or remove the folder (or choose another checkpoint_dir) to start over."
+                )
+            _check_fingerprint(prog.folder, state.get("fingerprint", {}), fingerprint)
+            prog.next_block = int(state["next_block"])
+            log.info("resuming from %s: %s", prog.folder, done)
+        elif resume:
+            log.info("no progress in %s yet: starting from the first block", prog.folder)
+        comm.check_same("checkpoint state", str(prog.next_block))
+        if comm.is_main:
+            prog.folder.mkdir(parents=True, exist_ok=True)
+        comm.barrier()
+        return prog
+
+    def block_file(self, index: int) -> Path:
+        return self.folder / f"block-{index:05d}.safetensors"
+
+    def _hidden_dir(self, index: int) -> Path:
+        return self.folder / f"hidden-{index:05d}"
+
+    # ------------------------------------------------------------ writing
+
+    def save_block(
+        self, index: int, block: nn.Module, name: str, inputs: BlockInputs | None, result: PruneResult, num_blocks: int
+    ) -> None:
+        """Record pruned block ``index`` (named ``name``), the next block's inputs and the reports so far."""
+        from safetensors.torch import save_file
+
+        from llmprune.io.save import save_keep_masks
+
+        if self.comm.is_main:
+            tensors = block_tensors(block, name)
+            _atomic(self.block_file(index), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        if not self.resumable:
+            return
+        nxt = index + 1
+        if inputs is not None and nxt < num_blocks:
+            folder = self._hidden_dir(nxt)
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(len(inputs)):
+                target = folder / f"b{inputs.first_batch + k:06d}.pt"
+                if isinstance(inputs.hidden, DiskList):  # already a file: link it, no copy
+                    tmp = target.with_name(f".{target.name}.tmp")
+                    tmp.unlink(missing_ok=True)
+                    try:
+                        os.link(inputs.hidden.path(k), tmp)
+                    except OSError:
+                        shutil.copyfile(inputs.hidden.path(k), tmp)
+                    _fsync(tmp)
+                    os.replace(tmp, target)
+                else:
+                    _atomic(target, lambda p, t=inputs.hidden[k]: torch.save(t.detach().cpu(), p))
+        self.comm.barrier()  # every rank's activations are on disk before the state names them
+        if self.comm.is_main:
+            prefix = f"{name}."
+            masks = {n: m for n, m in result.keep_masks.items() if n.startswith(prefix)}
+            reports = {
+                "modules": [asdict(r) for n, r in result.modules.items() if n.startswith(prefix)],
+                "block": asdict(result.blocks[-1]),
+            }
+            base = self.folder / f"block-{index:05d}"
+            if masks:
+                _atomic(base.with_suffix(".masks.safetensors"), lambda p: save_keep_masks(masks, p))
+            _atomic(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(reports), encoding="utf-8"))
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            _atomic(self.folder / f"rng-{nxt:05d}.pt", lambda p: torch.save(rng, p))
+            state = {"format": FORMAT, "next_block": nxt, "fingerprint": self.fingerprint}
+            _atomic(self.folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1), encoding="utf-8"))
+            _fsync(self.folder)
+        self.next_block = nxt
+        self.comm.barrier()
+        if self.comm.is_main:  # the previous boundary is no longer needed
+            shutil.rmtree(self._hidden_dir(index), ignore_errors=True)
+            (self.folder / f"rng-{index:05d}.pt").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ reading
+
+    def restore(
+        self, name_of: Callable[[int], str], blocks: list[nn.Module], inputs: BlockInputs | None, result: PruneResult,
+        *, weights: bool
+    ) -> None:
+        """Bring back blocks ``0 … next_block-1``: reports, masks, (if ``weights``) weights, then the activations."""
+        from safetensors import safe_open
+
+        from llmprune.io.save import load_keep_masks
+
+        for j in range(self.next_block):
+            base = self.folder / f"block-{j:05d}"
+            try:
+                reports = json.loads(base.with_suffix(".json").read_text(encoding="utf-8"))
+            except FileNotFoundError as exc:
+                raise ModelLoadError(f"checkpoint {self.folder} is incomplete ({exc}): remove it to start over.") from exc
+            for r in reports["modules"]:
+                result.modules[r["name"]] = ModuleReport(**{**r, "shape": tuple(r["shape"])})
+            result.blocks.append(BlockReport(**reports["block"]))
+            if base.with_suffix(".masks.safetensors").is_file():
+                result.keep_masks.update(load_keep_masks(base.with_suffix(".masks.safetensors")))
+            if weights:
+                prefix = name_of(j) + "."
+                with safe_open(str(self.block_file(j)), framework="pt") as fh:
+                    state = {k[len(prefix) :]: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+                _missing, unexpected = blocks[j].load_state_dict(state, strict=False)
+                if unexpected:
+                    raise ModelLoadError(f"checkpoint block {j} has tensors the model lacks: {unexpected[:3]}")
+        if inputs is not None and self.next_block < len(blocks):
+            folder = self._hidden_dir(self.next_block)
+            for k in range(len(inputs)):
+                inputs.hidden[k] = torch.load(folder / f"b{inputs.first_batch + k:06d}.pt", weights_only=True)
+        rng_path = self.folder / f"rng-{self.next_block:05d}.pt"
+        if rng_path.is_file():
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def discard(self) -> None:
+        """Remove the folder (after the result is safely saved)."""
+        self.comm.barrier()
+        if self.comm.is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _check_fingerprint(folder: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diffs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {folder}: it was made with other settings ({'; '.join(diffs)}). Fix: rerun with "
+            "the same settings, or remove the folder (or choose another checkpoint_dir) to start over."
+        )

@@ -1,0 +1,243 @@
+"""``llmprune recover``: load a pruned model, retrain it briefly (PERP or LIFT), measure, save.
+
+Every pruned weight stays exactly zero; the saved checkpoint is plain dense safetensors with the zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmprune.io.models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+#: defaults for every flag (the names are ``recover()``'s keywords and the recipe's ``recover:`` keys)
+DEFAULTS: dict[str, Any] = {
+    "model": DEFAULT_MODEL,
+    "method": "perp",
+    "mode": "retrain",
+    "dense_model": None,
+    "dataset": None,
+    "num_calibration_samples": 256,
+    "max_seq_length": 256,
+    "seed": 0,
+    "recover_steps": 100,
+    "recover_max_seconds": None,
+    "lr": None,
+    "batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.0,
+    "optim": "adamw",
+    "eval_dataset": None,
+    "eval_max_seq_length": None,
+    "eval_limit": None,
+    "eval_batch_size": 2,
+    "skip_eval": False,
+    "output_dir": None,
+    "device": "auto",
+    "dtype": "float32",
+}
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    """``--option r=8 --option lora=scale`` → typed method options (YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"llmprune: error: --option expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recover", help="retrain a pruned model (PERP or LIFT) without losing its zeros")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help=f"pruned checkpoint: folder, .gguf, Hub id (default {DEFAULT_MODEL!r})")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
+    g = p.add_argument_group("recovery")
+    g.add_argument("--method", choices=["perp", "lift"], help="perp (default): LoRA+norms+biases; lift")
+    g.add_argument("--mode", choices=["retrain", "reconstruct"], help="retrain (default) or reconstruct")
+    g.add_argument("--dense_model", help="dense checkpoint for --mode reconstruct")
+    g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
+    g.add_argument("--recover_max_seconds", type=float, help="time budget; the schedule decays to 0 by then")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: perp 1e-3, lift 1e-4)")
+    g.add_argument("--batch_size", type=int, help="windows per step (default 4)")
+    g.add_argument("--gradient_accumulation_steps", type=int, help="micro-batches per step (default 1)")
+    g.add_argument("--warmup_ratio", type=float, help="linear warmup fraction (default 0.1)")
+    g.add_argument("--weight_decay", type=float, help="decoupled weight decay (default 0)")
+    g.add_argument("--optim", choices=["adamw", "adamw_8bit"], help="adamw (default) or bitsandbytes 8-bit")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (r, lora, rank…)")
+    g = p.add_argument_group("training data")
+    g.add_argument("--dataset", help="training text: file, folder, Hub dataset, c4 (default built-in)")
+    g.add_argument("--num_calibration_samples", type=int, help="training windows (default 256)")
+    g.add_argument("--max_seq_length", type=int, help="tokens per window (default 256)")
+    g.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
+    g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default 512)")
+    g.add_argument("--eval_limit", type=int, help="evaluate this many evenly spaced windows (default: all)")
+    g.add_argument("--eval_batch_size", type=int, help="windows per perplexity forward (default 2)")
+    g.add_argument("--skip_eval", action="store_true", default=None, help="no perplexity")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", help="write the recovered checkpoint here (atomically)")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    settings = dict(DEFAULTS)
+    settings.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
+    return settings
+
+
+def recover_kwargs(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Resolved settings → ``recover()`` keywords (shared with ``llmprune prune --recover``)."""
+    return {
+        "method": s["method"],
+        "mode": s["mode"],
+        "steps": s["recover_steps"],
+        "max_seconds": s["recover_max_seconds"],
+        "lr": s["lr"],
+        "batch_size": s["batch_size"],
+        "gradient_accumulation_steps": s["gradient_accumulation_steps"],
+        "warmup_ratio": s["warmup_ratio"],
+        "weight_decay": s["weight_decay"],
+        "optim": s["optim"],
+        "seed": s["seed"],
+        **options,
+    }
+
+
+def _saved_masks(model_path: str):
+    """Keep masks saved beside a pruned checkpoint (``masks.safetensors``), else None (zeros are used)."""
+    folder = Path(model_path).expanduser()
+    if not (folder / "masks.safetensors").is_file():
+        return None
+    from llmprune.io.save import load_keep_masks
+
+    return load_keep_masks(folder)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmprune.calibration.data import calibration_tokens
+    from llmprune.errors import ConfigError
+    from llmprune.evaluation.perplexity import perplexity
+    from llmprune.io.models import load_model
+    from llmprune.recovery import method_options, recover
+
+    s = resolve(args)
+    options = _options(args.option)
+    allowed = method_options(s["method"])  # fail before loading anything
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ConfigError(f"unknown {s['method']} option {unknown[0]!r}: use one of {', '.join(allowed)}.")
+    if s["mode"] == "reconstruct" and not s["dense_model"]:
+        raise ConfigError("--mode reconstruct needs --dense_model PATH (the dense checkpoint to match).")
+    model, tok = load_model(s["model"], dtype=s["dtype"], device=s["device"])
+    dense = load_model(s["dense_model"], dtype=s["dtype"], device="cpu")[0] if s["dense_model"] else None
+    eval_len = s["eval_max_seq_length"] or 512
+
+    def measure() -> dict[str, float] | None:
+        if s["skip_eval"]:
+            return None
+        return perplexity(
+            model, tok, s["eval_dataset"], eval_len, limit=s["eval_limit"], batch_size=s["eval_batch_size"]
+        )
+
+    before = measure()
+    ids = calibration_tokens(s["dataset"], tok, s["num_calibration_samples"], s["max_seq_length"], s["seed"])
+    result = recover(
+        model,
+        input_ids=ids,
+        keep_masks=_saved_masks(s["model"]),
+        dense_model=dense,
+        **recover_kwargs(s, options),
+    )
+    after = measure()
+    summary = {
+        "model": s["model"],
+        "method": s["method"],
+        "mode": s["mode"],
+        "perplexity": {"before": before, "after": after},
+        "recovery": {k: v for k, v in result.to_dict().items() if k not in ("losses", "details")},
+        "command": "llmprune " + " ".join(sys.argv[1:]) if sys.argv and "recover" in sys.argv else None,
+    }
+    if s["output_dir"]:
+        from llmprune.io.save import save_pruned
+
+        recipe = _recipe(s, options)
+        metrics = None
+        if after is not None:
+            metrics = {
+                "perplexity": {
+                    "pruned": after["ppl"],  # this checkpoint's perplexity (the card's headline)
+                    "before_recovery": before["ppl"],
+                    "dataset": s["eval_dataset"] or "llmprune built-in held-out text (Austen)",
+                    "seq_len": eval_len,
+                    "windows": after["windows"],
+                }
+            }
+        save_pruned(model, tok, s["output_dir"], recipe=recipe, run_info=summary, metrics=metrics)
+        summary["output_dir"] = s["output_dir"]
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
+    return 0
+
+
+def _recipe(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The pruning recipe saved beside the input checkpoint (if any), with this run's ``recover`` section."""
+    import yaml
+
+    source = Path(s["model"]).expanduser() / "recipe.yaml"
+    recipe = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else {"version": 1}
+    recipe = recipe if isinstance(recipe, dict) else {"version": 1}
+    recipe["recover"] = {
+        "method": s["method"],
+        "recover_steps": s["recover_steps"],
+        "recover_max_seconds": s["recover_max_seconds"],
+        "lr": s["lr"],
+        "mode": s["mode"],
+        "batch_size": s["batch_size"],
+        "dataset": s["dataset"],
+        "num_samples": s["num_calibration_samples"],
+        "max_seq_length": s["max_seq_length"],
+        "seed": s["seed"],
+        "options": {
+            **options,
+            **{k: s[k] for k in ("gradient_accumulation_steps", "warmup_ratio", "weight_decay", "optim")},
+        },
+    }
+    return recipe
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    before, after = summary["perplexity"]["before"], summary["perplexity"]["after"]
+    r = summary["recovery"]
+    rows = [("", "pruned", "recovered")]
+    if before and after:
+        rows.append(("perplexity", f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"))
+        rows.append(("bits per byte", f"{before['bits_per_byte']:.4f}", f"{after['bits_per_byte']:.4f}"))
+        rows.append(("eval windows", f"{before['windows']}×{before['max_seq_length']}", ""))
+    rows.append(("sparsity (pruned Linears)", f"{100 * r['sparsity']:.2f}%", f"{100 * r['sparsity']:.2f}%"))
+    rows.append(
+        ("trained parameters", "", f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.3f}%)")
+    )
+    rows.append(("steps", "", f"{r['steps_done']} in {r['seconds']:.0f} s"))
+    if r["first_loss"] is not None:
+        rows.append(("training loss", f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    title = f"{summary['model']} · recover {summary['method']} ({summary['mode']})"
+    lines = [title, "-" * len(title)]
+    lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+    if summary.get("output_dir"):
+        lines.append(f"saved to {summary['output_dir']}")
+    return "\n".join(lines)

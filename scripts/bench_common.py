@@ -1,0 +1,133 @@
+"""Shared pieces of the benchmark scripts: fixed data, one measured run, markdown tables.
+
+Every benchmark uses the same token tensors, written once to ``--data`` (``calib.pt``: calibration
+windows sampled from the built-in calibration text; ``eval.pt``: evenly spaced held-out windows of
+the built-in evaluation text). The llm-compressor peer (``../shared/bench/peers``) is fed the very same
+tensors, so perplexities are comparable across tools. Timings are reported as ratios to one dense
+forward over the calibration tokens measured in the same process: absolute CPU seconds are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def make_data(
+    out: Path, tokenizer, num_calibration_samples: int, max_seq_length: int, eval_windows: int
+) -> None:
+    from llmprune.calibration.data import calibration_tokens
+    from llmprune.evaluation.perplexity import eval_windows as held_out
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "calib.pt").exists():
+        calib = calibration_tokens(None, tokenizer, num_calibration_samples, max_seq_length, seed=0)
+        torch.save(calib, out / "calib.pt")
+    if not (out / "eval.pt").exists():
+        ev = held_out(tokenizer, None, max_seq_length, limit=eval_windows)
+        torch.save(ev, out / "eval.pt")
+        # the same text for checkers that tokenize themselves (verify_checkpoint.py)
+        (out / "eval.txt").write_text(tokenizer.decode(ev.reshape(-1)), encoding="utf-8")
+
+
+def load_data(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.load(data / "calib.pt"), torch.load(data / "eval.pt")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@torch.no_grad()
+def dense_forward_seconds(model, calib: torch.Tensor) -> float:
+    """One forward of the full model over every calibration window, one window at a time (as the peer)."""
+    model(calib[:1, :64])  # warm-up
+    start = time.perf_counter()
+    for x in calib:
+        model(x.unsqueeze(0))
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def window_perplexity(model, ev: torch.Tensor) -> float:
+    """Mean next-token NLL over the windows, one at a time (the peer's exact loop)."""
+    nll, count = 0.0, 0
+    for x in ev:
+        logits = model(x.unsqueeze(0)).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum"))
+        count += x.shape[0] - 1
+    return math.exp(nll / count)
+
+
+def run_one(
+    model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any], threads: int
+) -> dict:
+    """Load, prune with the fixed calibration tokens, score: one JSON-ready record."""
+    import llmprune
+
+    torch.set_num_threads(threads)
+    calib, ev = load_data(data)
+    model, tok = llmprune.load_model(model_name)
+    rec: dict[str, Any] = {"method": method, "sparsity": sparsity, "options": options, "threads": threads}
+    start = time.perf_counter()
+    result = llmprune.prune(
+        model,
+        tok,
+        method=method,
+        sparsity=sparsity,
+        dataset=calib,
+        num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1],
+        progress=False,
+        **options,
+    )
+    rec["prune_s"] = time.perf_counter() - start
+    rec["rss_peak_after_prune_mib"] = peak_rss_mib()
+    rec["achieved_sparsity"] = result.overall_sparsity
+    rec["ppl"] = window_perplexity(model, ev)
+    rec["block_recon_error_mean"] = sum(b.recon_error for b in result.blocks) / max(1, len(result.blocks))
+    return rec
+
+
+def run_dense(model_name: str, data: Path, threads: int) -> dict:
+    import llmprune
+
+    torch.set_num_threads(threads)
+    calib, ev = load_data(data)
+    model, _ = llmprune.load_model(model_name)
+    return {
+        "dense_fwd_s": dense_forward_seconds(model, calib),
+        "ppl": window_perplexity(model, ev),
+        "calib_shape": list(calib.shape),
+        "eval_shape": list(ev.shape),
+        "threads": threads,
+    }
+
+
+def write_section(name: str, body: str, path: Path = BENCH_MD) -> None:
+    """Replace the ``<!-- name:start -->…<!-- name:end -->`` section of docs/benchmarks.md (atomic)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

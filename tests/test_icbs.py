@@ -1,0 +1,247 @@
+"""iCBS and its cardinality-constrained QUBO solver, against brute force and direct loss formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from llmprune.errors import ConfigError
+from llmprune.registry import get_solver
+from llmprune.solvers.icbs import mask_objective, refine_mask
+from llmprune.solvers.masks import nm_violations
+from llmprune.solvers.qubo import anneal, exhaustive_minimum, qubo_energy
+from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, LayerStats, reconstruction_error
+from llmprune.spec import SparsitySpec
+
+
+def _correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
+    """(tokens, in) inputs whose channels are mixed, so H has large off-diagonal terms of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(tokens, width, generator=g)
+    mix = torch.eye(width) + 0.6 * torch.randn(width, width, generator=g)
+    return base @ mix
+
+
+def _problem(rows: int, width: int, spec, seed: int = 0, tokens: int = 64) -> LayerProblem:
+    g = torch.Generator().manual_seed(1000 + seed)
+    weight = torch.randn(rows, width, generator=g)
+    stats = LayerStats.from_inputs(_correlated_inputs(tokens, width, seed), {SQ_NORMS, HESSIAN})
+    return LayerProblem("layer", weight, stats, SparsitySpec.parse(spec))
+
+
+def _error(problem: LayerProblem, keep: torch.Tensor) -> float:
+    return reconstruction_error(problem.weight, problem.weight.masked_fill(~keep, 0.0), problem.stats.hessian)
+
+
+# ---------------------------------------------------------------- the QUBO solver
+
+
+@pytest.mark.parametrize(("width", "ones"), [(8, 4), (10, 3), (12, 6), (12, 2)])
+def test_anneal_reaches_the_exhaustive_optimum(width, ones):
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(16, width, width, generator=g)
+        q = a + a.transpose(1, 2)  # indefinite, negative couplings everywhere
+        c = torch.randn(16, width, generator=g)
+        x0 = torch.zeros(16, width)
+        x0[:, :ones] = 1
+        x, energy = anneal(q, c, x0, sweeps=32, restarts=4, beta_range=(0.1, 100.0), generator=g)
+        _, best = exhaustive_minimum(q, ones, c)
+        assert (x.sum(-1) == ones).all()
+        assert torch.allclose(energy, qubo_energy(q, x, c))
+        assert torch.allclose(energy, best, rtol=1e-6, atol=1e-6)
+
+
+def test_anneal_in_groups_keeps_group_counts_and_reaches_the_optimum():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 12, 12, generator=g)
+    q = a + a.transpose(1, 2)
+    c = torch.randn(8, 12, generator=g)
+    x0 = torch.tensor([1.0, 1, 0, 0] * 3).expand(8, 12)  # 2 ones in each group of 4
+    x, energy = anneal(q, c, x0, group_size=4, sweeps=32, restarts=4, beta_range=(0.1, 100.0), generator=g)
+    _, best = exhaustive_minimum(q, [2, 2, 2], c, group_size=4)
+    assert (x.view(8, 3, 4).sum(-1) == 2).all()
+    assert torch.allclose(energy, best, rtol=1e-6, atol=1e-6)
+
+
+def test_qubo_objective_is_the_reconstruction_loss_for_every_mask():
+    tokens, width = 20, 8
+    x_in = _correlated_inputs(tokens, width, seed=3).to(torch.float64)  # (tokens, in)
+    w = torch.randn(width, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hessian = x_in.T @ x_in / tokens
+    q = (w[:, None] * w[None, :] * hessian).unsqueeze(0)
+    for bits in itertools.product([0.0, 1.0], repeat=width):
+        x = torch.tensor(bits, dtype=torch.float64)  # 1 = pruned
+        kept = w * (1 - x)
+        direct = float(((x_in @ (w - kept)) ** 2).sum() / tokens)
+        assert float(qubo_energy(q, x.unsqueeze(0))) == pytest.approx(direct, rel=1e-9, abs=1e-12)
+        keep = (x < 0.5).unsqueeze(0)
+        assert float(mask_objective(w.unsqueeze(0).float(), hessian.float(), keep)) == pytest.approx(
+            direct, rel=1e-5, abs=1e-6
+        )
+
+
+# ---------------------------------------------------------------- the solver
+
+
+def test_layer_loss_never_rises_with_steps_and_beats_wanda():
+    improved = 0
+    for seed in range(3):
+        problem = _problem(6, 32, 0.5, seed=seed)
+        wanda_error = _error(problem, get_solver("wanda")(problem).keep)
+        errors = [
+            _error(problem, get_solver("icbs")(problem, steps=s, block_size=8).keep) for s in (0, 1, 2, 5, 10)
+        ]
+        assert errors[0] == pytest.approx(wanda_error, rel=1e-12)
+        for before, after in itertools.pairwise(errors):
+            assert after <= before * (1 + 1e-12)
+        improved += errors[-1] < wanda_error * (1 - 1e-6)
+    assert improved >= 1
+
+
+def test_history_is_monotone_and_matches_the_final_mask():
+    problem = _problem(5, 24, 0.5, seed=7)
+    keep0 = get_solver("wanda")(problem).keep
+    history: list[float] = []
+    keep = refine_mask(
+        problem.weight,
+        problem.stats.hessian,
+        keep0,
+        steps=8,
+        block_size=8,
+        history=history,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(history) == 9
+    assert all(b <= a for a, b in itertools.pairwise(history))
+    assert history[-1] == pytest.approx(_error(problem, keep), rel=1e-9)
+
+
+#: a hotter, longer anneal than the defaults (which favour speed on large layers): "enough steps"
+THOROUGH = {"steps": 4, "block_size": 8, "sweeps": 16, "restarts": 4, "beta_range": (0.1, 100.0)}
+
+
+def test_finds_the_brute_force_optimal_mask_of_a_row():
+    """One row, 8 inputs, 4 pruned: iCBS must land on the best of all 70 masks."""
+    wanda_suboptimal = 0
+    for seed in range(5):
+        problem = _problem(1, 8, 0.5, seed=seed, tokens=32)
+        x_in = _correlated_inputs(32, 8, seed).to(torch.float64)
+        w = problem.weight[0].to(torch.float64)
+        losses = {}
+        for pruned in itertools.combinations(range(8), 4):
+            delta = torch.zeros(8, dtype=torch.float64)
+            delta[list(pruned)] = w[list(pruned)]
+            losses[pruned] = float(((x_in @ delta) ** 2).mean())
+        optimum = min(losses.values())
+        keep = get_solver("icbs")(problem, **THOROUGH).keep
+        assert int((~keep).sum()) == 4
+        assert losses[tuple(torch.nonzero(~keep[0]).flatten().tolist())] == pytest.approx(optimum, rel=1e-9)
+        wanda_keep = get_solver("wanda")(problem).keep
+        wanda_suboptimal += losses[tuple(torch.nonzero(~wanda_keep[0]).flatten().tolist())] > optimum * (
+            1 + 1e-9
+        )
+    assert wanda_suboptimal >= 1  # otherwise the check above would not test anything
+
+
+def test_negative_couplings_are_exploited():
+    """Two near-duplicate inputs with weights +2 and -2 cancel: pruning both costs almost nothing.
+
+    Per-weight scores (Wanda) keep both; a solver that drops the negative entries of Q (the
+    reference's bug) sees two expensive weights. The brute-force best mask prunes both.
+    """
+    g = torch.Generator().manual_seed(0)
+    x_in = torch.randn(64, 8, generator=g)
+    x_in[:, 1] = x_in[:, 0] + 0.01 * torch.randn(64, generator=g)
+    weight = torch.tensor([[2.0, -2.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]])
+    problem = LayerProblem(
+        "layer", weight, LayerStats.from_inputs(x_in, {SQ_NORMS, HESSIAN}), SparsitySpec(0.5)
+    )
+
+    def loss(pruned: tuple[int, ...]) -> float:
+        delta = torch.zeros(8, dtype=torch.float64)
+        delta[list(pruned)] = weight[0, list(pruned)].double()
+        return float(((x_in.double() @ delta) ** 2).mean())
+
+    best = min(itertools.combinations(range(8), 4), key=loss)
+    assert {0, 1} <= set(best)
+    assert get_solver("wanda")(problem).keep[0, :2].all()
+    keep = get_solver("icbs")(problem, **THOROUGH).keep
+    assert tuple(torch.nonzero(~keep[0]).flatten().tolist()) == best
+
+
+@pytest.mark.parametrize("init", ["wanda", "magnitude"])
+def test_unstructured_counts_per_row_are_the_init_masks(init):
+    problem = _problem(8, 40, 0.6, seed=1)
+    init_keep = get_solver(init)(problem).keep
+    result = get_solver("icbs")(problem, init=init, steps=6, block_size=12)
+    assert torch.equal(result.keep.sum(1), init_keep.sum(1))
+    assert result.weight is None
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:4", "4:8"])
+def test_nm_patterns_stay_valid(pattern):
+    spec = SparsitySpec.parse(pattern)
+    problem = _problem(6, 32, pattern, seed=2)
+    keep = get_solver("icbs")(problem, steps=6, block_size=16).keep
+    assert nm_violations(keep, spec.pattern) == 0
+    assert (keep.view(6, -1, spec.pattern.m).sum(-1) == spec.pattern.n).all()
+    assert _error(problem, keep) <= _error(problem, get_solver("wanda")(problem).keep) * (1 + 1e-12)
+
+
+def test_deterministic_for_a_seed():
+    problem = _problem(6, 32, 0.5, seed=4)
+    first = get_solver("icbs")(problem, steps=5, block_size=8, seed=3).keep
+    again = get_solver("icbs")(problem, steps=5, block_size=8, seed=3).keep
+    assert torch.equal(first, again)
+
+
+def test_frozen_fraction_and_time_budget_keep_the_mask_valid():
+    problem = _problem(6, 32, 0.5, seed=6)
+    wanda_keep = get_solver("wanda")(problem).keep
+    for options in ({"frozen_fraction": 0.5}, {"time_budget": 1e-9}, {"restarts": 3, "sweeps": 1}):
+        keep = get_solver("icbs")(problem, steps=4, block_size=8, **options).keep
+        assert torch.equal(keep.sum(1), wanda_keep.sum(1))
+        assert _error(problem, keep) <= _error(problem, wanda_keep) * (1 + 1e-12)
+
+
+def test_update_reconstructs_kept_weights():
+    pytest.importorskip("llmprune.solvers.sparsegpt", reason="update=True needs the sparsegpt module")
+    problem = _problem(6, 32, 0.5, seed=8, tokens=128)
+    plain = get_solver("icbs")(problem, steps=4, block_size=8)
+    updated = get_solver("icbs")(problem, steps=4, block_size=8, update=True)
+    assert torch.equal(plain.keep, updated.keep)
+    assert (updated.weight[~updated.keep] == 0).all()
+    assert not torch.signbit(updated.weight[~updated.keep]).any()
+    h = problem.stats.hessian
+    assert reconstruction_error(problem.weight, updated.weight, h) < _error(problem, plain.keep)
+
+
+def test_dense_target_keeps_everything():
+    problem = _problem(3, 8, 0.0)
+    assert get_solver("icbs")(problem).keep.all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"init": "icbs"},
+        {"block_size": 8, "block_pruned": 8},
+        {"frozen_fraction": 1.0},
+        {"beta_range": (10.0, 1.0)},
+        {"steps": -1},
+        {"time_budget": 0},
+        {"update": "yes"},
+    ],
+)
+def test_bad_options_name_the_fix(options):
+    with pytest.raises(ConfigError, match="icbs"):
+        get_solver("icbs")(_problem(2, 8, 0.5), **options)
+
+
+def test_registered_with_its_options():
+    info = get_solver("icbs")
+    assert info.needs == frozenset({SQ_NORMS, HESSIAN})
+    assert {"init", "steps", "block_size", "restarts", "seed", "time_budget", "update"} <= set(info.options())
