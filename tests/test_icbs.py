@@ -87,21 +87,22 @@ def test_qubo_objective_is_the_reconstruction_loss_for_every_mask():
 
 
 def test_layer_loss_never_rises_with_steps_and_beats_wanda():
-    improved = 0
     for seed in range(3):
         problem = _problem(6, 32, 0.5, seed=seed)
         wanda_error = _error(problem, get_solver("wanda")(problem).keep)
         errors = [
-            _error(problem, get_solver("icbs")(problem, steps=s, block_size=8).keep) for s in (0, 1, 2, 5, 10)
+            _error(problem, get_solver("icbs")(problem, steps=s, block_size=8, ridge=0.0).keep)
+            for s in (0, 1, 2, 5, 10)
         ]
         assert errors[0] == pytest.approx(wanda_error, rel=1e-12)
         for before, after in itertools.pairwise(errors):
             assert after <= before * (1 + 1e-12)
-        improved += errors[-1] < wanda_error * (1 - 1e-6)
-    assert improved >= 1
+        assert errors[-1] < 0.95 * wanda_error  # correlated inputs: Wanda's per-weight scores miss a lot
 
 
-def test_history_is_monotone_and_matches_the_final_mask():
+@pytest.mark.parametrize("ridge", [0.0, 0.5])
+def test_history_is_monotone_and_matches_the_final_mask(ridge):
+    """The objective is the loss under H + ridge * mean(diag H) * I, computed here independently."""
     problem = _problem(5, 24, 0.5, seed=7)
     keep0 = get_solver("wanda")(problem).keep
     history: list[float] = []
@@ -111,16 +112,32 @@ def test_history_is_monotone_and_matches_the_final_mask():
         keep0,
         steps=8,
         block_size=8,
+        ridge=ridge,
         history=history,
         generator=torch.Generator().manual_seed(0),
     )
+    h = problem.stats.hessian.double()
+    h_ridge = h + ridge * torch.diagonal(h).mean() * torch.eye(24, dtype=torch.float64)
+    objective = [
+        reconstruction_error(problem.weight, problem.weight.masked_fill(~k, 0.0), h_ridge)
+        for k in (keep0, keep)
+    ]
     assert len(history) == 9
     assert all(b <= a for a, b in itertools.pairwise(history))
-    assert history[-1] == pytest.approx(_error(problem, keep), rel=1e-9)
+    assert history[0] == pytest.approx(objective[0], rel=1e-9)
+    assert history[-1] == pytest.approx(objective[1], rel=1e-9)
+    assert objective[1] < objective[0]
 
 
 #: a hotter, longer anneal than the defaults (which favour speed on large layers): "enough steps"
-THOROUGH = {"steps": 4, "block_size": 8, "sweeps": 16, "restarts": 4, "beta_range": (0.1, 100.0)}
+THOROUGH = {
+    "steps": 4,
+    "block_size": 8,
+    "sweeps": 16,
+    "restarts": 4,
+    "beta_range": (0.1, 100.0),
+    "ridge": 0.0,
+}
 
 
 def test_finds_the_brute_force_optimal_mask_of_a_row():
@@ -185,7 +202,7 @@ def test_unstructured_counts_per_row_are_the_init_masks(init):
 def test_nm_patterns_stay_valid(pattern):
     spec = SparsitySpec.parse(pattern)
     problem = _problem(6, 32, pattern, seed=2)
-    keep = get_solver("icbs")(problem, steps=6, block_size=16).keep
+    keep = get_solver("icbs")(problem, steps=6, block_size=16, ridge=0.0).keep
     assert nm_violations(keep, spec.pattern) == 0
     assert (keep.view(6, -1, spec.pattern.m).sum(-1) == spec.pattern.n).all()
     assert _error(problem, keep) <= _error(problem, get_solver("wanda")(problem).keep) * (1 + 1e-12)
@@ -202,7 +219,7 @@ def test_frozen_fraction_and_time_budget_keep_the_mask_valid():
     problem = _problem(6, 32, 0.5, seed=6)
     wanda_keep = get_solver("wanda")(problem).keep
     for options in ({"frozen_fraction": 0.5}, {"time_budget": 1e-9}, {"restarts": 3, "sweeps": 1}):
-        keep = get_solver("icbs")(problem, steps=4, block_size=8, **options).keep
+        keep = get_solver("icbs")(problem, steps=4, block_size=8, ridge=0.0, **options).keep
         assert torch.equal(keep.sum(1), wanda_keep.sum(1))
         assert _error(problem, keep) <= _error(problem, wanda_keep) * (1 + 1e-12)
 
@@ -230,6 +247,7 @@ def test_dense_target_keeps_everything():
         {"init": "icbs"},
         {"block_size": 8, "block_pruned": 8},
         {"frozen_fraction": 1.0},
+        {"ridge": -0.1},
         {"beta_range": (10.0, 1.0)},
         {"steps": -1},
         {"time_budget": 0},

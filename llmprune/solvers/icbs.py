@@ -6,19 +6,29 @@ reconstruction loss ``||(W - Ŵ) X||^2 / tokens`` summed over rows). Rows are in
 row is improved at once, as one batch of tensors.
 
 Each step picks, per row, a block of B weights: the k pruned weights whose un-pruning would save the
-most and the B - k kept weights whose pruning would cost the least (both read off the marginal costs
-``±2 (Qx)_j + Q_jj`` with the rest of the row fixed), skipping weights chosen in recent steps (tabu)
-and a frozen fraction that is surely pruned or surely kept. With the rest of the row fixed, the
-block is a QUBO ``min x^T Q_bb x + c^T x`` with ``c = 2 Q_bo x_o`` and ``sum x = k``, solved by
-simulated annealing (``qubo.anneal``); the new assignment is taken only where it lowers the exact
-objective, so the layer loss never rises from step to step (step 0 is the one-shot mask).
-Negative couplings of Q are kept: they are the interactions a one-shot score cannot see.
+most and the B - k kept weights whose pruning would cost the least (with the rest of the row fixed,
+restoring a pruned j saves ``2 (Qx)_j - Q_jj``, pruning a kept j costs ``2 (Qx)_j + Q_jj``),
+skipping weights chosen in recent steps (tabu) and, optionally, a frozen fraction that is surely
+pruned or surely kept. With the rest of the row fixed, the block is a QUBO
+``min x^T Q_bb x + c^T x`` with ``c = 2 Q_bo x_o`` and ``sum x = k``, solved by simulated
+annealing over swap moves (``qubo.anneal``); a row takes the new assignment only if its exact fp64
+loss drops, so the layer loss never rises from step to step (step 0 is the one-shot mask: an
+anytime algorithm whose quality-time knob is ``steps`` or ``time_budget``). Negative couplings of
+Q are kept (the reference zeroes them): they are the interactions between weights that a one-shot
+score cannot see.
 
 N:M patterns: a block is made of whole aligned groups and swaps stay inside a group.
 
+Defaults (B = 32, k = B/4, 20 steps, 2 sweeps, 1 restart, beta 3 -> 300, ridge 0.5) were tuned on
+SmolLM2-135M layers (about 4 min of single-thread solving for the whole model). Without the ridge
+the calibration loss falls to a quarter of Wanda's, but a mask fitted that closely to a few
+thousand tokens does no better than Wanda's on other text; with it, the calibration loss is about
+0.26x Wanda's and held-out losses 0.6-0.9x. The paper's blocks are far larger (B = 4096) because
+it solves the whole model at once.
+
 Left out: the paper's full-model mode (a Fisher/gradient loss over all layers jointly, with a
-first-order term); in a block-sequential engine the layer-wise loss above is what each solver
-minimises, and it needs no gradients.
+first-order term). In a block-sequential engine each solver minimises the layer-wise loss above,
+which needs no gradients.
 """
 
 from __future__ import annotations
@@ -38,6 +48,10 @@ from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, SolverResult
 
 log = logging.getLogger(__name__)
 
+#: a row's new mask must beat its loss by this relative margin, far above fp64 rounding of the field
+_MARGIN = 1e-10
+#: below one swapped weight per this many mask entries, the field is updated row-of-H by row-of-H
+_SPARSE_UPDATE = 96
 #: rows of block QUBOs annealed at once are capped so that rows x restarts x B^2 stays below this
 _MAX_QUBO_ENTRIES = 1 << 24
 
@@ -48,10 +62,25 @@ def mask_objective(weight: Tensor, hessian: Tensor, keep: Tensor) -> Tensor:
     return ((pruned @ hessian.to(torch.float64)) * pruned).sum(-1)
 
 
+def ridged_hessian(hessian: Tensor, ridge: float) -> Tensor:
+    """``H + ridge * mean(diag H) * I``: the paper's ``λ ||δ||^2`` term, scale-free.
+
+    It adds ``ridge * mean(diag H) * w_j^2`` to the cost of pruning w_j. Off-diagonal couplings of a
+    Hessian from a few thousand calibration tokens are noisy, and a mask fitted to them exactly
+    transfers badly to other text; the ridge keeps the search to couplings that stand out.
+    """
+    if ridge == 0:
+        return hessian
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    return hessian + ridge * torch.diagonal(hessian).mean() * eye
+
+
 def _rank(score: Tensor) -> Tensor:
     """(rows, n) position of each entry in its row sorted by descending score (0 = highest)."""
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1]).expand_as(order))
+    return torch.empty_like(order).scatter_(
+        -1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    )
 
 
 def _pick(tier: Tensor, score: Tensor, count: int) -> Tensor:
@@ -93,7 +122,7 @@ def _select_groups(gain: Tensor, cost: Tensor, pruned: Tensor, held: Tensor, m: 
     """(rows, groups * m) block of whole aligned groups with the best estimated swap saving."""
     rows = gain.shape[0]
     chosen = _pick(held, _group_estimate(gain, cost, pruned, m), groups)  # (rows, groups)
-    return (chosen.unsqueeze(-1) * m + torch.arange(m)).reshape(rows, groups * m)
+    return (chosen.unsqueeze(-1) * m + torch.arange(m, device=chosen.device)).reshape(rows, groups * m)
 
 
 def _frozen(gain: Tensor, cost: Tensor, pruned: Tensor, fraction: float, group_size: int | None) -> Tensor:
@@ -144,6 +173,31 @@ def _solve_blocks(
     return torch.cat(out)
 
 
+def _moved(
+    w: Tensor, h: Tensor, f: Tensor, pruned: Tensor, idx: Tensor, x_new: Tensor, threads: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows whose block changed (changed,), with their new field, loss and mask (changed, ...), fp64.
+
+    With few swaps per row, ``(W∘X) H`` moves by just the swapped weights' rows of H, O(changes x in);
+    with many, one product over the changed rows is cheaper than gathering that many rows of H.
+    """
+    x_old = pruned.gather(1, idx)  # (out, B)
+    change = x_new.to(torch.float64) - x_old  # (out, B) in {-1, 0, 1}
+    rows = change.any(-1).nonzero().squeeze(1)  # (changed,)
+    change, sub_idx, w_rows = change[rows], idx[rows], w[rows]
+    trial = pruned[rows].scatter_(1, sub_idx, x_new[rows].to(torch.float64))  # (changed, in)
+    at, slots = change.nonzero(as_tuple=True)  # (swapped weights,)
+    if at.numel() * _SPARSE_UPDATE < trial.numel():
+        cols = sub_idx[at, slots]
+        coeff = change[at, slots] * w_rows[at, cols]  # (swapped,)
+        moved = torch.zeros_like(trial).index_add_(0, at, h.index_select(0, cols) * coeff.unsqueeze(1))
+        f_new = f[rows] + w_rows * moved
+    else:
+        with intra_op_threads(threads):  # one big GEMM: the caller's threads pay off here
+            f_new = w_rows * ((w_rows * trial) @ h)
+    return rows, f_new, (f_new * trial).sum(-1), trial
+
+
 def refine_mask(
     weight: Tensor,
     hessian: Tensor,
@@ -157,6 +211,7 @@ def refine_mask(
     restarts: int = 1,
     tabu_steps: int = 2,
     frozen_fraction: float = 0.0,
+    ridge: float = 0.0,
     beta_range: tuple[float, float] = (3.0, 300.0),
     time_budget: float | None = None,
     generator: torch.Generator | None = None,
@@ -164,13 +219,15 @@ def refine_mask(
 ) -> Tensor:
     """Block coordinate descent on the keep-mask of ``weight`` (out, in) under ``hessian`` (in, in).
 
-    Returns a new keep-mask with the same pruned count in every row (in every aligned group of
-    ``group_size`` for N:M). ``history``, if given, receives the layer objective (sum of
-    :func:`mask_objective`) before the first step and after each step; it never increases.
+    The objective is :func:`mask_objective` under ``ridged_hessian(hessian, ridge)``. Returns a new
+    keep-mask with the same pruned count in every row (in every aligned group of ``group_size`` for
+    N:M). ``history``, if given, receives the objective before the first step and after each step;
+    it never increases.
     """
     w32 = weight.detach().to(torch.float32)  # (out, in)
-    h32 = hessian.detach().to(torch.float32)  # (in, in)
-    w, h = w32.to(torch.float64), h32.to(torch.float64)  # exact copies: the objective is fp64
+    w = w32.to(torch.float64)  # the objective is fp64; the annealer works in fp32
+    h = ridged_hessian(hessian.detach().to(torch.float64), ridge)  # (in, in)
+    h32 = h.to(torch.float32)
     rows, width = w.shape
     pruned = (~keep).to(torch.float64)  # (out, in) 1.0 = pruned
     diag_q = w32 * w32 * torch.diagonal(h32)  # (out, in) = Q_jj
@@ -180,13 +237,8 @@ def refine_mask(
         size = max(1, min(units, size // group_size)) * group_size
     k = min(size - 1, max(1, block_pruned if block_pruned is not None else size // 4))
 
-    threads = torch.get_num_threads()
-
-    def field(pruned: Tensor) -> tuple[Tensor, Tensor]:
-        """(Q x)_j of every weight of every row (out, in), and the row losses x^T Q x (out,), fp64."""
-        with intra_op_threads(threads):  # one big GEMM: the caller's threads pay off here
-            f = w * ((w * pruned) @ h)
-        return f, (f * pruned).sum(-1)
+    f = w * ((w * pruned) @ h)  # (out, in) fp64 "field" (Q x)_j of every row, updated as swaps land
+    loss = (f * pruned).sum(-1)  # (out,) row losses x^T Q x
 
     def marginals(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """fp32 (2 Q x), the saving of restoring each pruned weight, the cost of pruning each kept one."""
@@ -194,15 +246,15 @@ def refine_mask(
         return f2, f2 - diag_q, f2 + diag_q
 
     # many small ops per step: one thread avoids a hand-off per op (see qubo.intra_op_threads)
+    threads = torch.get_num_threads()
     with intra_op_threads(1):
-        f, loss = field(pruned)
         f2, gain, cost = marginals(f)
         if history is not None:
             history.append(float(loss.sum()))
-        frozen = torch.zeros(rows, units)
+        frozen = torch.zeros(rows, units, device=w.device)
         if frozen_fraction > 0:
             frozen = _frozen(gain, cost, pruned.to(torch.float32), frozen_fraction, group_size)
-        tabu_until = torch.zeros(rows, units)
+        tabu_until = torch.zeros(rows, units, device=w.device)
         start = time.perf_counter()
         for step in range(steps):
             if time_budget is not None and time.perf_counter() - start >= time_budget:
@@ -228,14 +280,16 @@ def refine_mask(
                 beta_range=beta_range,
                 generator=generator,
             )
-            # keep a row's new block only if its exact fp64 loss drops: the layer loss is monotone in steps
-            trial = pruned.scatter(1, idx, x_new.to(torch.float64))
-            f_trial, loss_trial = field(trial)
-            better = (loss_trial < loss).nonzero().squeeze(1)  # (improved rows,)
-            if better.numel():
-                pruned.index_copy_(0, better, trial.index_select(0, better))
-                f.index_copy_(0, better, f_trial.index_select(0, better))
-                loss.index_copy_(0, better, loss_trial.index_select(0, better))
+            # keep a row's new block only if its fp64 loss drops by more than rounding could explain,
+            # so the layer loss is monotone in steps
+            rows_changed, f_trial, loss_trial, trial = _moved(w, h, f, pruned, idx, x_new, threads)
+            old_loss = loss.index_select(0, rows_changed)
+            keep_new = (loss_trial < old_loss - _MARGIN * old_loss.abs()).nonzero().squeeze(1)
+            if keep_new.numel():
+                better = rows_changed.index_select(0, keep_new)  # (improved rows,)
+                pruned.index_copy_(0, better, trial.index_select(0, keep_new))
+                f.index_copy_(0, better, f_trial.index_select(0, keep_new))
+                loss.index_copy_(0, better, loss_trial.index_select(0, keep_new))
                 f2, gain, cost = marginals(f)
             if history is not None:
                 history.append(float(loss.sum()))
@@ -251,6 +305,7 @@ def _check_options(
     restarts: int,
     tabu_steps: int,
     frozen_fraction: float,
+    ridge: float,
     beta_range: tuple[float, float],
     time_budget: float | None,
     update: bool,
@@ -286,6 +341,8 @@ def _check_options(
         or not (0.0 <= frozen_fraction < 1.0)
     ):
         raise ConfigError(f"icbs option frozen_fraction must be in [0, 1), got {frozen_fraction!r}.")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+        raise ConfigError(f"icbs option ridge must be a finite number >= 0 (default 0.5), got {ridge!r}.")
     if (
         not isinstance(beta_range, (tuple, list))
         or len(beta_range) != 2
@@ -315,6 +372,7 @@ def icbs(
     restarts: int = 1,
     tabu_steps: int = 2,
     frozen_fraction: float = 0.0,
+    ridge: float = 0.5,
     beta_range: tuple[float, float] = (3.0, 300.0),
     seed: int = 0,
     time_budget: float | None = None,
@@ -328,7 +386,9 @@ def icbs(
     ``block_pruned`` (default a quarter) are pruned, by ``sweeps`` x ``block_size`` annealing moves
     in each of ``restarts`` chains, ``beta_range`` being the inverse temperatures (in units of the
     row's spread of flip costs). Weights picked in the last ``tabu_steps`` steps sit out, and a
-    ``frozen_fraction`` of surely pruned / surely kept weights never enters a block. ``time_budget``
+    ``frozen_fraction`` of surely pruned / surely kept weights never enters a block. ``ridge`` (the
+    paper's λ, in units of mean(diag H)) adds ``ridge * mean(diag H) * w^2`` to the cost of pruning
+    w: it keeps the mask from fitting noise in the calibration Hessian (0 = the bare loss). ``time_budget``
     caps the seconds spent on steps per layer (results then depend on machine speed). Sparsity per
     row (per N:M group) is the init mask's, exactly. ``update=True`` finally reconstructs the kept
     weights with SparseGPT's fixed-mask sweep (``dampening_frac`` as in sparsegpt).
@@ -342,6 +402,7 @@ def icbs(
         restarts,
         tabu_steps,
         frozen_fraction,
+        ridge,
         beta_range,
         time_budget,
         update,
@@ -363,6 +424,7 @@ def icbs(
             f"{problem.name} has NaN/inf weights or calibration Hessian: check the checkpoint, and calibrate "
             "in float32 or bfloat16 rather than float16."
         )
+    hessian = hessian.to(weight.device)
     starter = get_solver(init)
     missing = starter.needs - {SQ_NORMS, HESSIAN}
     if missing:
@@ -377,7 +439,7 @@ def icbs(
         )
     if bool(keep.all()) or not bool(keep.any()):
         return SolverResult(keep=keep)  # nothing to swap
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
     history: list[float] = []
     started = time.perf_counter()
     keep = refine_mask(
@@ -392,6 +454,7 @@ def icbs(
         restarts=restarts,
         tabu_steps=tabu_steps,
         frozen_fraction=frozen_fraction,
+        ridge=float(ridge),
         beta_range=tuple(beta_range),
         time_budget=time_budget,
         generator=generator,

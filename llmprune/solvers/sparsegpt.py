@@ -22,6 +22,7 @@ from torch import Tensor
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import register_solver
 from llmprune.solvers.hessian import check_dampening, damped_inverse_cholesky, dead_columns
+from llmprune.solvers.qubo import intra_op_threads
 from llmprune.solvers.types import HESSIAN, LayerProblem, SolverResult
 from llmprune.spec import SparsitySpec
 
@@ -81,15 +82,16 @@ def _sweep(
         if adaptive and pattern is None:
             count = pruned_before(i2) - pruned_before(i1)
             keep_t[i1:i2] = ~_prune_lowest(block.square() * saliency_scale[i1:i2], count)
-        for i in range(i1, i2):
-            if pattern is not None and i % pattern.m == 0:  # block starts are multiples of m
-                g = slice(i, i + pattern.m)
-                scores = w_t[g].square() * saliency_scale[g]  # (m, out)
-                lowest = torch.topk(scores, pattern.m - pattern.n, dim=0, largest=False).indices
-                keep_t[g].scatter_(0, lowest, False)  # m - n pruned in every row of W
-            err = w_t[i].masked_fill(keep_t[i], 0.0).div_(hinv[i, i])  # (out,)
-            w_t[i + 1 : i2].addr_(hinv[i, i + 1 : i2], err, alpha=-1.0)
-            err_t[i - i1] = err
+        with intra_op_threads(1):  # many small ops: thread hand-offs cost more than they give
+            for i in range(i1, i2):
+                if pattern is not None and i % pattern.m == 0:  # block starts are multiples of m
+                    g = slice(i, i + pattern.m)
+                    scores = w_t[g].square() * saliency_scale[g]  # (m, out)
+                    lowest = torch.topk(scores, pattern.m - pattern.n, dim=0, largest=False).indices
+                    keep_t[g].scatter_(0, lowest, False)  # m - n pruned in every row of W
+                err = w_t[i].masked_fill(keep_t[i], 0.0).div_(hinv[i, i])  # (out,)
+                w_t[i + 1 : i2].addr_(hinv[i, i + 1 : i2], err, alpha=-1.0)
+                err_t[i - i1] = err
         # assign zeros (never multiply: that leaves -0.0), so the keep-mask alone decides sparsity
         block.masked_fill_(~keep_t[i1:i2], 0.0)
         w_t[i2:].addmm_(hinv[i1:i2, i2:].T, err_t[: i2 - i1], alpha=-1.0)
@@ -164,6 +166,9 @@ def sparsegpt(problem: LayerProblem, *, block_size: int = 128, dampening_frac: f
     # Dead columns (never active in calibration) are NOT zeroed as the reference does: only the
     # keep-mask writes zeros, so achieved sparsity is exactly the target. They score 0 (pruned first,
     # as it costs nothing) and their weights, kept or not, do not change the layer-wise loss.
-    hinv = damped_inverse_cholesky(hessian, dampening_frac, name=problem.name)
-    new_weight, keep = _sweep(weight, hinv, block_size=block_size, spec=spec, dead=dead_columns(hessian))
+    # one thread: at SmolLM2-to-7B widths these ops are too small to amortise hand-offs between threads,
+    # which made the solve 3-7x slower on a busy 2-core machine
+    with intra_op_threads(1):
+        hinv = damped_inverse_cholesky(hessian, dampening_frac, name=problem.name)
+        new_weight, keep = _sweep(weight, hinv, block_size=block_size, spec=spec, dead=dead_columns(hessian))
     return SolverResult(keep=keep, weight=new_weight)
