@@ -19,6 +19,7 @@ import torch
 
 from llmprune.calibration.data import calibration_tokens, tokens_hash
 from llmprune.calibration.engine import EngineConfig, prune_blocks
+from llmprune.calibration.weights_only import prune_weights_only
 from llmprune.errors import ConfigError
 from llmprune.io.models import load_model, resolve_device
 from llmprune.registry import get_solver
@@ -73,18 +74,14 @@ def prune(
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    input_ids = calibration_tokens(
-        dataset, tokenizer, num_calibration_samples, max_seq_length, seed, model=model
-    )
-    result = PruneResult(
-        method=method,
-        sparsity=str(selection.default),
-        options=dict(solver_args),
-        calibration_hash=tokens_hash(input_ids),
-        num_calibration_samples=int(input_ids.shape[0]),
-        max_seq_length=int(input_ids.shape[1]),
-        seed=seed,
-    )
+    data_free = not solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
+    result = PruneResult(method=method, sparsity=str(selection.default), options=dict(solver_args), seed=seed)
+    if not data_free:
+        input_ids = calibration_tokens(
+            dataset, tokenizer, num_calibration_samples, max_seq_length, seed, model=model
+        )
+        result.calibration_hash = tokens_hash(input_ids)
+        result.num_calibration_samples, result.max_seq_length = map(int, input_ids.shape)
     cfg = EngineConfig(
         solver=solver,
         selection=selection,
@@ -93,8 +90,11 @@ def prune(
         batch_size=batch_size,
         device=compute,
         progress=progress,
+        seed=seed,
     )
-    if not selection.default.is_dense or selection.overrides:
+    if data_free:
+        prune_weights_only(model, cfg, result)
+    elif not selection.default.is_dense or selection.overrides:
         prune_blocks(model, input_ids, cfg, result)
     result.seconds = time.perf_counter() - start
     log.info(

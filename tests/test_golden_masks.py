@@ -82,3 +82,14 @@ def test_global_magnitude_end_to_end(token_ids):
         0.9, abs=1 / 2048
     )  # floor
     assert result.modules["model.layers.1.mlp.down_proj"].sparsity < 0.5
+
+
+def test_magnitude_needs_no_data_and_runs_no_forward():
+    import llmprune
+    from conftest import make_model
+
+    model = make_model("llama")
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    result = llmprune.prune(model, None, method="magnitude", sparsity="2:4", progress=False)  # no dataset
+    assert calls == [] and result.overall_sparsity == 0.5 and result.calibration_hash == ""
