@@ -66,17 +66,16 @@ def prune(
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         model, tokenizer = load_model(str(model), dtype=dtype, device=device)
     compute = resolve_device(device) if device not in (None, "auto") else next(model.parameters()).device
-    max_len = getattr(model.config, "max_position_embeddings", None)
-    if max_len and max_seq_length > max_len:
-        raise ConfigError(
-            f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
-        )
-
     torch.manual_seed(seed)
     start = time.perf_counter()
     data_free = not solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
     result = PruneResult(method=method, sparsity=str(selection.default), options=dict(solver_args), seed=seed)
     if not data_free:
+        max_len = getattr(model.config, "max_position_embeddings", None)
+        if max_len and max_seq_length > max_len:
+            raise ConfigError(
+                f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
+            )
         input_ids = calibration_tokens(
             dataset, tokenizer, num_calibration_samples, max_seq_length, seed, model=model
         )

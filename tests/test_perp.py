@@ -357,6 +357,7 @@ def test_cli_recovers_and_saves(tmp_path, tiny_tokenizer) -> None:
     assert_sparsity_kept(out, keep)
     recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
     assert recipe["recover"]["method"] == "perp" and recipe["recover"]["options"]["r"] == 4
+    assert recipe["recover"]["lr"] == 3e-3  # the resolved default, so a rerun of the recipe matches
 
 
 def test_rank_zero_trains_only_norms_and_biases() -> None:

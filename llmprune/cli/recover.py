@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dense_model", help="dense checkpoint for --mode reconstruct")
     g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
     g.add_argument("--recover_max_seconds", type=float, help="time budget; the schedule decays to 0 by then")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: perp 1e-3, lift 1e-4)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     g.add_argument("--batch_size", type=int, help="windows per step (default 4)")
     g.add_argument("--gradient_accumulation_steps", type=int, help="micro-batches per step (default 1)")
     g.add_argument("--warmup_ratio", type=float, help="linear warmup fraction (default 0.1)")
@@ -197,6 +197,8 @@ def _recipe(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The pruning recipe saved beside the input checkpoint (if any), with this run's ``recover`` section."""
     import yaml
 
+    from llmprune.recovery import DEFAULT_LR
+
     source = Path(s["model"]).expanduser() / "recipe.yaml"
     recipe = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else {"version": 1}
     recipe = recipe if isinstance(recipe, dict) else {"version": 1}
@@ -204,7 +206,7 @@ def _recipe(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
         "method": s["method"],
         "recover_steps": s["recover_steps"],
         "recover_max_seconds": s["recover_max_seconds"],
-        "lr": s["lr"],
+        "lr": s["lr"] if s["lr"] is not None else DEFAULT_LR[s["method"]],  # resolved: reruns match
         "mode": s["mode"],
         "batch_size": s["batch_size"],
         "dataset": s["dataset"],

@@ -132,6 +132,9 @@ def run(
 ) -> LoopResult:
     """Minimise ``loss_fn(batch)`` for ``settings.steps`` steps or ``max_seconds``, whichever ends first.
 
+    The time budget is kept, not overrun: training stops when another step (at the mean step time so far)
+    would end past ``max_seconds``; at least one step is always made.
+
     ``max_seconds`` overrides ``settings.max_seconds`` (the reconstruct mode gives each block its share).
     ``on_step(step)`` runs after every optimiser step (LIFT refreshes its selection there).
     """
@@ -169,7 +172,10 @@ def run(
                 on_step(step)
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{settings.lr * factor:.2e}")
-            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            elapsed = time.perf_counter() - start
+            if (
+                max_seconds is not None and elapsed + elapsed / (step + 1) > max_seconds
+            ):  # next step won't fit
                 log.info("%s: time budget of %.0f s reached after %d steps", desc, max_seconds, step + 1)
                 break
     finally:
