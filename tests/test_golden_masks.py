@@ -85,8 +85,9 @@ def test_global_magnitude_end_to_end(token_ids):
 
 
 def test_magnitude_needs_no_data_and_runs_no_forward():
-    import llmprune
     from conftest import make_model
+
+    import llmprune
 
     model = make_model("llama")
     calls = []
