@@ -11,6 +11,7 @@ back memory-mapped, so only the batch being computed is resident.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -41,8 +42,10 @@ class DiskList:
         self.folder = Path(tempfile.mkdtemp(prefix="llmprune-acts-") if folder is None else folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._paths: list[Path] = []
+        self.device: torch.device | None = None  # where entries are handed back: where they came from
 
     def _write(self, index: int, tensor: Tensor) -> Path:
+        self.device = self.device or tensor.device
         path = self.folder / f"{index:06d}-{uuid.uuid4().hex[:8]}.pt"
         torch.save(tensor.detach().cpu().contiguous(), path)
         return path
@@ -55,7 +58,8 @@ class DiskList:
         old.unlink(missing_ok=True)
 
     def __getitem__(self, index: int) -> Tensor:
-        return torch.load(self._paths[index], mmap=True, weights_only=True)
+        t = torch.load(self._paths[index], mmap=True, weights_only=True)
+        return t if self.device is None or self.device.type == "cpu" else t.to(self.device)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -154,10 +158,8 @@ def capture_block_inputs(
     try:
         for b in batches:
             batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return captured

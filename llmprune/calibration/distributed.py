@@ -62,17 +62,18 @@ class Comm:
         return input_ids
 
     def reduce_stats(self, accs: list[StatsAccumulator], num_batches: int) -> list[LayerStats]:
-        """Statistics over all batches, one per accumulator (accumulators listed in the same order on every rank)."""
+        """Statistics over all batches, one per accumulator (listed in the same order on every rank)."""
         return [acc.result() for acc in accs]
 
     def share_solution(
-        self, owner: int, module: nn.Module, keep: Tensor | None, report: Any
+        self, owner: int, module: nn.Module, keep: Tensor | None, report: Any, updated: bool
     ) -> tuple[Tensor, Any]:
-        """After ``owner`` solved ``module``: its weight, keep-mask and report on every rank."""
+        """After ``owner`` solved (and wrote) ``module``: the same weight, keep-mask and report on every
+        rank. ``updated``: the solver changed kept weights too (else zeros where ``~keep`` is all)."""
         return keep, report
 
     def sum_per_batch(self, values: list[list[float]], first_batch: int, num_batches: int) -> list[float]:
-        """Column sums of per-batch values (this rank's rows start at ``first_batch``), added in batch order."""
+        """Column sums of per-batch values (this rank's start at ``first_batch``), added in batch order."""
         return _ordered_sums(values)
 
     def barrier(self) -> None:
@@ -103,7 +104,7 @@ class TorchComm(Comm):
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def _bcast(self, tensor: Tensor, src: int) -> Tensor:
-        """Broadcast ``tensor`` from ``src`` in place (through the collective device if it lives elsewhere)."""
+        """Broadcast ``tensor`` from ``src`` in place (via the collective device if it lives elsewhere)."""
         if tensor.device == self.device:
             self.dist.broadcast(tensor, src=src)
             return tensor
@@ -120,7 +121,11 @@ class TorchComm(Comm):
     def broadcast_tokens(self, input_ids: Tensor) -> Tensor:
         shape = torch.tensor(list(input_ids.shape) if self.is_main else [0, 0], dtype=torch.int64)
         self._bcast(shape, 0)
-        ids = input_ids.to(torch.int64).contiguous() if self.is_main else torch.empty(*shape.tolist(), dtype=torch.int64)
+        ids = (
+            input_ids.to(torch.int64).contiguous()
+            if self.is_main
+            else torch.empty(*shape.tolist(), dtype=torch.int64)
+        )
         return self._bcast(ids, 0)
 
     def reduce_stats(self, accs: list[StatsAccumulator], num_batches: int) -> list[LayerStats]:
@@ -148,15 +153,26 @@ class TorchComm(Comm):
         return out
 
     def share_solution(
-        self, owner: int, module: nn.Module, keep: Tensor | None, report: Any
+        self, owner: int, module: nn.Module, keep: Tensor | None, report: Any, updated: bool
     ) -> tuple[Tensor, Any]:
-        self._bcast(module.weight.data, owner)
-        shape = WeightView(module).shape  # keep-masks are (out, in)
-        flag = keep.to(torch.uint8) if self.rank == owner else torch.empty(shape, dtype=torch.uint8)
-        keep = self._bcast(flag.cpu().contiguous(), owner).bool()
-        box = [report if self.rank == owner else None]
-        self.dist.broadcast_object_list(box, src=owner, device=self.device if self.device.type != "cpu" else None)
-        return keep, box[0]
+        """The mask travels 8 per byte; the weight only if the solver changed kept weights. Otherwise
+        every rank applies the mask to the weight it already holds: the same bits, 1/32 of the traffic."""
+        from llmprune.io.save import pack_bits, unpack_bits
+
+        box = [(report, updated) if self.rank == owner else None]
+        self.dist.broadcast_object_list(
+            box, src=owner, device=self.device if self.device.type != "cpu" else None
+        )
+        report, updated = box[0]
+        view = WeightView(module)
+        numel = view.shape[0] * view.shape[1]
+        packed = pack_bits(keep) if self.rank == owner else torch.empty(-(-numel // 8), dtype=torch.uint8)
+        keep = unpack_bits(self._bcast(packed.contiguous(), owner), view.shape)  # (out, in)
+        if updated:
+            self._bcast(module.weight.data, owner)
+        elif self.rank != owner:
+            view.write(keep)
+        return keep, report
 
     def sum_per_batch(self, values: list[list[float]], first_batch: int, num_batches: int) -> list[float]:
         width = self._all_sum_int(len(values[0]) if values else 0, self.dist.ReduceOp.MAX)
@@ -176,12 +192,13 @@ class TorchComm(Comm):
         self.dist.all_gather_object(values, value)
         if len(set(values)) > 1:
             raise ConfigError(
-                f"ranks disagree on the {what}: every process must load the same model with the same settings."
+                f"ranks disagree on the {what}: every process must load the same model with the same "
+                "settings."
             )
 
 
 def current_comm() -> Comm:
-    """The process group if one is running (initialising it from ``torchrun`` variables if needed), else one process."""
+    """The running process group (started from ``torchrun``'s variables if need be), else one process."""
     import torch.distributed as dist
 
     if not dist.is_available():

@@ -65,7 +65,9 @@ class EngineConfig:
     device: torch.device | None = None  # compute device; None = where the first block lives
     progress: bool = True
     seed: int = 0  # solvers' randomness derives from it, per module
-    comm: Comm | None = None  # None: the running torch.distributed group (or torchrun's variables), else one process
+    comm: Comm | None = (
+        None  # None: the running torch.distributed group (or torchrun's variables), else one process
+    )
     max_memory: int | str | None = None  # activation budget ("4GB"); above it activations spill to disk
     offload_dir: str | None = None  # where spilled activations go (default: a temporary folder)
     checkpoint_dir: str | None = None  # record progress after every block here
@@ -87,13 +89,26 @@ class BlockSource:
         if home != device:
             block.to(device)
 
+    def tidy(self) -> None:
+        """Called after each Linear is solved: a chance to hand freed memory back."""
+
     def release(self, index: int, block: nn.Module) -> None:
         home = self._home.pop(index, None)
         if home is not None and next(block.parameters()).device != home:
             block.to(home)
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -107,7 +122,11 @@ def parse_bytes(value: int | float | str) -> int:
 
 
 def _selected(block: nn.Module, prefix: str, selection: ModuleSelection) -> dict[str, nn.Module]:
-    return {f"{prefix}.{rel}": m for rel, m in prunable_linears(block).items() if selection.selects(f"{prefix}.{rel}")}
+    return {
+        f"{prefix}.{rel}": m
+        for rel, m in prunable_linears(block).items()
+        if selection.selects(f"{prefix}.{rel}")
+    }
 
 
 class _InputRecorder:
@@ -115,7 +134,9 @@ class _InputRecorder:
 
     def __init__(self, modules: dict[str, nn.Module], stop_after: str | None = None) -> None:
         self.seen: list[tuple[str, Tensor]] = []
-        self.handles = [m.register_forward_hook(self._hook(name, name == stop_after)) for name, m in modules.items()]
+        self.handles = [
+            m.register_forward_hook(self._hook(name, name == stop_after)) for name, m in modules.items()
+        ]
 
     def _hook(self, name: str, stop: bool):
         def hook(_module, inputs, _output):
@@ -172,7 +193,8 @@ def _calibrate(
     accs: dict[str, StatsAccumulator] = {}
     rec = _InputRecorder(modules, stop_after)
     try:
-        for j, (hidden, args, kwargs) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
+        calls = zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+        for j, (hidden, args, kwargs) in enumerate(calls):
             batch = inputs.first_batch + j  # global index: fixes the statistics' summation order
             try:
                 out = call_block(block, hidden, args, kwargs)
@@ -201,7 +223,8 @@ def _module_seed(seed: int, name: str) -> int:
 
 def _solve_module(
     name: str, module: nn.Module, stats: LayerStats, spec: SparsitySpec, cfg: EngineConfig
-) -> tuple[ModuleReport, Tensor]:
+) -> tuple[ModuleReport, Tensor, bool]:
+    """Solve one Linear and write the result: (report, keep-mask on CPU, whether weights were updated)."""
     view = WeightView(module)
     weight = view.read()  # (out, in) fp32
     start = time.perf_counter()
@@ -212,7 +235,9 @@ def _solve_module(
         result = cfg.solver(problem, **cfg.options)
     keep = result.keep.to(torch.bool)
     if result.weight is not None and not torch.isfinite(result.weight).all():
-        log.warning("%s: solver %s produced non-finite weights; keeping original values", name, cfg.solver.name)
+        log.warning(
+            "%s: solver %s produced non-finite weights; keeping original values", name, cfg.solver.name
+        )
         result.weight = None
     view.write(keep, result.weight)
     seconds = time.perf_counter() - start
@@ -226,7 +251,7 @@ def _solve_module(
         layer_error=error,
         seconds=seconds,
     )
-    return report, keep.cpu()
+    return report, keep.cpu(), result.weight is not None
 
 
 def _specs(model_blocks, prefix: str, cfg: EngineConfig) -> dict[str, SparsitySpec]:
@@ -253,9 +278,9 @@ def _specs(model_blocks, prefix: str, cfg: EngineConfig) -> dict[str, SparsitySp
             if not any(w.device.type == "meta" for w in weights.values()):
                 raise
             raise ConfigError(
-                f"{cfg.solver.name} with these options allocates sparsity over the whole model, which needs every "
-                "weight in memory at once: not possible while streaming blocks from disk. Prune in memory, or use "
-                "a per-layer setting."
+                f"{cfg.solver.name} with these options allocates sparsity over the whole model, which needs "
+                "every weight in memory at once: not possible while streaming blocks from disk. Prune in "
+                "memory, or use a per-layer setting."
             ) from exc
         specs.update({name: SparsitySpec(sparsity=s) for name, s in allocation.items()})
     return specs
@@ -271,26 +296,31 @@ def _solve_group(
     num_batches: int,
     result: PruneResult,
     first: int,
+    source: BlockSource,
 ) -> None:
     """Reduce the group's statistics over all batches, solve each Linear on its owner rank, share."""
     unique = list({id(a): a for a in accs.values()}.values())  # q/k/v share one accumulator
-    reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_batches)))
+    reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_batches), strict=True))
     device = next(iter(modules.values())).weight.device
     for k, name in enumerate(group):
         owner = comm.owner(first + k)
         keep = report = None
+        updated = False
         if comm.rank == owner:
             if name in accs:
                 stats = reduced[id(accs[name])]
             else:  # never reached by a calibration token
-                stats = StatsAccumulator(WeightView(modules[name]).shape[1], cfg.solver.needs, device).empty_stats()
-            report, keep = _solve_module(name, modules[name], stats, specs[name], cfg)
-        keep, report = comm.share_solution(owner, modules[name], keep, report)
+                stats = StatsAccumulator(
+                    WeightView(modules[name]).shape[1], cfg.solver.needs, device
+                ).empty_stats()
+            report, keep, updated = _solve_module(name, modules[name], stats, specs[name], cfg)
+        keep, report = comm.share_solution(owner, modules[name], keep, report, updated)
         result.modules[name] = report
         result.keep_masks[name] = keep
+        source.tidy()
 
 
-def _spill(cfg: EngineConfig, model: nn.Module, input_ids: Tensor, batches: range, comm: Comm) -> bool:
+def _spill(cfg: EngineConfig, model: nn.Module, input_ids: Tensor, batches: range) -> bool:
     """Whether this rank's activations (block inputs and dense outputs) exceed ``max_memory``."""
     if cfg.max_memory is None:
         return False
@@ -335,15 +365,15 @@ def prune_blocks(
     num_batches = -(-input_ids.shape[0] // cfg.batch_size)
     if num_batches < comm.world:
         raise ConfigError(
-            f"{num_batches} calibration batches cannot be shared by {comm.world} processes: lower batch_size or "
-            "use fewer processes."
+            f"{num_batches} calibration batches cannot be shared by {comm.world} processes: lower "
+            "batch_size or use fewer processes."
         )
     local = comm.batch_range(num_batches)
     if progress is None and cfg.checkpoint_dir is not None:
         fingerprint = run_fingerprint(cfg, model, input_ids, len(blocks), device)
         progress = Progress.open(cfg.checkpoint_dir, comm, fingerprint, resume=cfg.resume)
     start = progress.next_block if progress is not None else 0
-    spill = _spill(cfg, model, input_ids, local, comm)
+    spill = _spill(cfg, model, input_ids, local)
     inputs = None
     if start < len(blocks):
         hidden = activation_list(spill, cfg.offload_dir)
@@ -351,14 +381,22 @@ def prune_blocks(
             model, blocks[0], input_ids, cfg.batch_size, batches=local, hidden=hidden, device=device
         )
     if start > 0:
-        progress.restore(lambda j: f"{prefix}.{j}", blocks, inputs, result, weights=not source.streaming)
-    bar = tqdm(total=len(blocks), initial=start, desc="pruning", unit="block", disable=not (cfg.progress and comm.is_main))
+        progress.restore(lambda j: f"{prefix}.{j}", blocks, inputs, result, in_memory=not source.streaming)
+    bar = tqdm(
+        total=len(blocks),
+        initial=start,
+        desc="pruning",
+        unit="block",
+        disable=not (cfg.progress and comm.is_main),
+    )
     for i in range(start, len(blocks)):
         block = blocks[i]
         t0 = time.perf_counter()
         source.load(i, block, device)
         label = f"({i + 1}/{len(blocks)})"
-        modules = {n: m for n, m in _selected(block, f"{prefix}.{i}", cfg.selection).items() if not specs[n].is_dense}
+        modules = {
+            n: m for n, m in _selected(block, f"{prefix}.{i}", cfg.selection).items() if not specs[n].is_dense
+        }
         dense_out = activation_list(spill, cfg.offload_dir) if modules else None
         if modules:
             groups = execution_groups(block, modules, inputs) if cfg.true_sequential else [list(modules)]
@@ -374,7 +412,9 @@ def prune_blocks(
                     stop_after=None if g == 0 else group[-1],
                     outputs=dense_out if g == 0 else None,
                 )
-                _solve_group(group, group_modules, accs, specs, cfg, comm, num_batches, result, solved)
+                _solve_group(
+                    group, group_modules, accs, specs, cfg, comm, num_batches, result, solved, source
+                )
                 solved += len(group)
                 del accs
         bar.set_postfix_str(f"{label} propagating")
@@ -383,7 +423,9 @@ def prune_blocks(
             out = call_block(block, inputs.hidden[b], inputs.args[b], inputs.kwargs[b])
             if dense_out is not None:
                 dense = dense_out[b]
-                errors.append([float((out.float() - dense.float()).pow(2).sum()), float(dense.float().pow(2).sum())])
+                errors.append(
+                    [float((out.float() - dense.float()).pow(2).sum()), float(dense.float().pow(2).sum())]
+                )
             inputs.hidden[b] = out
         if isinstance(dense_out, DiskList):
             dense_out.close()
@@ -393,6 +435,9 @@ def prune_blocks(
         result.blocks.append(BlockReport(i, f"{prefix}.{i}", seconds, num / den if den else 0.0))
         if progress is not None:
             progress.save_block(i, block, f"{prefix}.{i}", inputs, result, len(blocks))
+            if source.streaming:  # on disk now: the masks of a model larger than memory are large too
+                for name in modules:
+                    result.keep_masks.pop(name, None)
         source.release(i, block)
         log.debug("block %d: %.2fs, relative output error %.3e", i, seconds, result.blocks[-1].recon_error)
         bar.update(1)

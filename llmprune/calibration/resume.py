@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,9 @@ def resolve_checkpoint_dir(
     if not resume:
         return None
     if output_dir is None:
-        raise ConfigError("resume=True needs checkpoint_dir=… (or output_dir=…, beside which progress is kept).")
+        raise ConfigError(
+            "resume=True needs checkpoint_dir=… (or output_dir=…, beside which progress is kept)."
+        )
     return default_checkpoint_dir(output_dir)
 
 
@@ -74,12 +78,18 @@ def _tensor_hash(t: Tensor) -> str:
     return hashlib.sha256(sample.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def run_fingerprint(cfg, model: nn.Module, input_ids: Tensor, num_blocks: int, device: torch.device) -> dict[str, Any]:
+def run_fingerprint(
+    cfg, model: nn.Module, input_ids: Tensor, num_blocks: int, device: torch.device
+) -> dict[str, Any]:
     """Everything that changes the pruned weights. ``cfg`` is the engine's ``EngineConfig``."""
     import llmprune
 
     sel = cfg.selection
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k != "transformers_version"
+    }
     embeddings = model.get_input_embeddings().weight
     fp = {
         "llmprune": llmprune.__version__,
@@ -94,13 +104,16 @@ def run_fingerprint(cfg, model: nn.Module, input_ids: Tensor, num_blocks: int, d
         "seed": cfg.seed,
         "calibration_hash": tokens_hash(input_ids),
         "calibration_shape": list(input_ids.shape),
-        "model_config_hash": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "model_config_hash": hashlib.sha256(
+            json.dumps(config, sort_keys=True, default=str).encode()
+        ).hexdigest(),
         "embeddings_hash": _tensor_hash(embeddings),
         "num_blocks": num_blocks,
         "dtype": str(embeddings.dtype),
         "device": device.type,
     }
-    return json.loads(json.dumps(fp, sort_keys=True, default=str))  # JSON-normal form, comparable after a reload
+    normal = json.dumps(fp, sort_keys=True, default=str)
+    return json.loads(normal)  # JSON-normal form: compares equal to what a reload gives
 
 
 def _fsync(path: Path) -> None:
@@ -111,25 +124,79 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
     """Write through a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
-    _fsync(tmp)
+    if durable:
+        _fsync(tmp)
     os.replace(tmp, path)
 
 
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(
+    path: Path,
+    layout: list[tuple[str, torch.dtype, list[int]]],
+    tensors: Iterable[Tensor],
+    metadata: dict[str, str],
+) -> None:
+    """Write a safetensors file tensor by tensor: ``layout`` first (the header needs every shape), then
+    ``tensors`` in the same order, each straight from its memory.
+
+    Why not ``safetensors.torch.save_file``: it serialises every tensor to a ``bytes`` copy first, which
+    for a block (or a model's masks) doubles the memory this module exists to save.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for (name, dtype, shape), t in zip(layout, tensors, strict=True):
+            if t.dtype != dtype or list(t.shape) != list(shape):
+                raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, header says {dtype} {shape}")
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            fh.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    layout = [(k, t.dtype, list(t.shape)) for k, t in tensors.items()]
+    write_safetensors(path, layout, tensors.values(), {"format": "pt", **(metadata or {})})
+
+
 def block_tensors(block: nn.Module, name: str) -> dict[str, Tensor]:
-    """A block's parameters and persistent buffers under their model names, on CPU, each storage once."""
+    """A block's parameters and persistent buffers under their model names, each storage once."""
     out: dict[str, Tensor] = {}
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     for key, t in block.state_dict().items():
         t = t.detach()
-        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if ptr in seen:
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if where in seen:  # the very same tensor under two names (tied inside the block)
             continue
-        seen.add(ptr)
-        out[f"{name}.{key}"] = t.cpu().contiguous()
+        seen.add(where)
+        out[f"{name}.{key}"] = t
     return out
 
 
@@ -140,7 +207,9 @@ class Progress:
     shards have to be written somewhere as blocks finish) and skips activations and state.
     """
 
-    def __init__(self, folder: Path, comm: Comm, fingerprint: dict[str, Any], *, resumable: bool = True) -> None:
+    def __init__(
+        self, folder: Path, comm: Comm, fingerprint: dict[str, Any], *, resumable: bool = True
+    ) -> None:
         self.folder = Path(folder)
         self.comm = comm
         self.fingerprint = fingerprint
@@ -149,7 +218,13 @@ class Progress:
 
     @classmethod
     def open(
-        cls, folder: str | os.PathLike, comm: Comm, fingerprint: dict[str, Any], *, resume: bool, resumable: bool = True
+        cls,
+        folder: str | os.PathLike,
+        comm: Comm,
+        fingerprint: dict[str, Any],
+        *,
+        resume: bool,
+        resumable: bool = True,
     ) -> Progress:
         """Continue the run recorded in ``folder`` (``resume=True``) or start a new one there."""
         prog = cls(Path(folder).expanduser(), comm, fingerprint, resumable=resumable)
@@ -160,7 +235,8 @@ class Progress:
             if not resume:
                 raise ConfigError(
                     f"{prog.folder} holds the progress of an earlier run ({done}). Fix: pass resume=True "
-                    "(--resume) to continue it, or remove the folder (or choose another checkpoint_dir) to start over."
+                    "(--resume) to continue it, or remove the folder (or choose another checkpoint_dir) to "
+                    "start over."
                 )
             _check_fingerprint(prog.folder, state.get("fingerprint", {}), fingerprint)
             prog.next_block = int(state["next_block"])
@@ -176,22 +252,34 @@ class Progress:
     def block_file(self, index: int) -> Path:
         return self.folder / f"block-{index:05d}.safetensors"
 
+    def masks_file(self, index: int) -> Path:
+        return self.folder / f"block-{index:05d}.masks.safetensors"
+
     def _hidden_dir(self, index: int) -> Path:
         return self.folder / f"hidden-{index:05d}"
 
     # ------------------------------------------------------------ writing
 
     def save_block(
-        self, index: int, block: nn.Module, name: str, inputs: BlockInputs | None, result: PruneResult, num_blocks: int
+        self,
+        index: int,
+        block: nn.Module,
+        name: str,
+        inputs: BlockInputs | None,
+        result: PruneResult,
+        num_blocks: int,
     ) -> None:
-        """Record pruned block ``index`` (named ``name``), the next block's inputs and the reports so far."""
-        from safetensors.torch import save_file
-
+        """Record pruned block ``index`` (named ``name``): weights and keep-masks always; the next
+        block's inputs, the reports and the state too when resumable."""
         from llmprune.io.save import save_keep_masks
 
+        prefix = f"{name}."
         if self.comm.is_main:
             tensors = block_tensors(block, name)
-            _atomic(self.block_file(index), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+            _atomic(self.block_file(index), lambda p: save_tensors(p, tensors), self.resumable)
+            masks = {n: m for n, m in result.keep_masks.items() if n.startswith(prefix)}
+            if masks:
+                _atomic(self.masks_file(index), lambda p: save_keep_masks(masks, p), self.resumable)
         if not self.resumable:
             return
         nxt = index + 1
@@ -213,22 +301,23 @@ class Progress:
                     _atomic(target, lambda p, t=inputs.hidden[k]: torch.save(t.detach().cpu(), p))
         self.comm.barrier()  # every rank's activations are on disk before the state names them
         if self.comm.is_main:
-            prefix = f"{name}."
-            masks = {n: m for n, m in result.keep_masks.items() if n.startswith(prefix)}
             reports = {
                 "modules": [asdict(r) for n, r in result.modules.items() if n.startswith(prefix)],
                 "block": asdict(result.blocks[-1]),
             }
-            base = self.folder / f"block-{index:05d}"
-            if masks:
-                _atomic(base.with_suffix(".masks.safetensors"), lambda p: save_keep_masks(masks, p))
-            _atomic(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(reports), encoding="utf-8"))
+            _atomic(
+                self.folder / f"block-{index:05d}.json",
+                lambda p: p.write_text(json.dumps(reports), encoding="utf-8"),
+            )
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             _atomic(self.folder / f"rng-{nxt:05d}.pt", lambda p: torch.save(rng, p))
             state = {"format": FORMAT, "next_block": nxt, "fingerprint": self.fingerprint}
-            _atomic(self.folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1), encoding="utf-8"))
+            _atomic(
+                self.folder / "state.json",
+                lambda p: p.write_text(json.dumps(state, indent=1), encoding="utf-8"),
+            )
             _fsync(self.folder)
         self.next_block = nxt
         self.comm.barrier()
@@ -239,36 +328,46 @@ class Progress:
     # ------------------------------------------------------------ reading
 
     def restore(
-        self, name_of: Callable[[int], str], blocks: list[nn.Module], inputs: BlockInputs | None, result: PruneResult,
-        *, weights: bool
+        self,
+        name_of: Callable[[int], str],
+        blocks: list[nn.Module],
+        inputs: BlockInputs | None,
+        result: PruneResult,
+        *,
+        in_memory: bool,
     ) -> None:
-        """Bring back blocks ``0 … next_block-1``: reports, masks, (if ``weights``) weights, then the activations."""
+        """Bring back blocks ``0 … next_block-1`` (reports; with ``in_memory`` also weights and keep-masks,
+        which streaming leaves on disk), then the next block's inputs and the RNG state."""
         from safetensors import safe_open
 
         from llmprune.io.save import load_keep_masks
 
         for j in range(self.next_block):
-            base = self.folder / f"block-{j:05d}"
             try:
-                reports = json.loads(base.with_suffix(".json").read_text(encoding="utf-8"))
+                reports = json.loads((self.folder / f"block-{j:05d}.json").read_text(encoding="utf-8"))
             except FileNotFoundError as exc:
-                raise ModelLoadError(f"checkpoint {self.folder} is incomplete ({exc}): remove it to start over.") from exc
+                raise ModelLoadError(
+                    f"checkpoint {self.folder} is incomplete ({exc}): remove it to start over."
+                ) from exc
             for r in reports["modules"]:
                 result.modules[r["name"]] = ModuleReport(**{**r, "shape": tuple(r["shape"])})
             result.blocks.append(BlockReport(**reports["block"]))
-            if base.with_suffix(".masks.safetensors").is_file():
-                result.keep_masks.update(load_keep_masks(base.with_suffix(".masks.safetensors")))
-            if weights:
-                prefix = name_of(j) + "."
-                with safe_open(str(self.block_file(j)), framework="pt") as fh:
-                    state = {k[len(prefix) :]: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-                _missing, unexpected = blocks[j].load_state_dict(state, strict=False)
-                if unexpected:
-                    raise ModelLoadError(f"checkpoint block {j} has tensors the model lacks: {unexpected[:3]}")
+            if not in_memory:
+                continue
+            if self.masks_file(j).is_file():
+                result.keep_masks.update(load_keep_masks(self.masks_file(j)))
+            prefix = name_of(j) + "."
+            with safe_open(str(self.block_file(j)), framework="pt") as fh:
+                state = {k[len(prefix) :]: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+            _missing, unexpected = blocks[j].load_state_dict(state, strict=False)
+            if unexpected:
+                raise ModelLoadError(f"checkpoint block {j} has tensors the model lacks: {unexpected[:3]}")
         if inputs is not None and self.next_block < len(blocks):
             folder = self._hidden_dir(self.next_block)
             for k in range(len(inputs)):
-                inputs.hidden[k] = torch.load(folder / f"b{inputs.first_batch + k:06d}.pt", weights_only=True)
+                device = inputs.hidden[k].device
+                saved = torch.load(folder / f"b{inputs.first_batch + k:06d}.pt", weights_only=True)
+                inputs.hidden[k] = saved.to(device)
         rng_path = self.folder / f"rng-{self.next_block:05d}.pt"
         if rng_path.is_file():
             rng = torch.load(rng_path, weights_only=True)
@@ -283,10 +382,27 @@ class Progress:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def discard_progress(folder: str | os.PathLike | None, comm: Comm | None = None) -> None:
+    """Remove a run's checkpoint folder once its result is saved (rank 0 only; a no-op for None)."""
+    if folder is None:
+        return
+    from llmprune.calibration.distributed import current_comm
+
+    comm = comm or current_comm()
+    comm.barrier()
+    if comm.is_main:
+        shutil.rmtree(Path(folder).expanduser(), ignore_errors=True)
+
+
 def _check_fingerprint(folder: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
-    diffs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diffs = [
+        f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if diffs:
         raise ConfigError(
-            f"cannot resume from {folder}: it was made with other settings ({'; '.join(diffs)}). Fix: rerun with "
+            f"cannot resume from {folder}: it was made with other settings ({'; '.join(diffs)}). Fix: rerun "
+            "with "
             "the same settings, or remove the folder (or choose another checkpoint_dir) to start over."
         )

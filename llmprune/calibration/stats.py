@@ -117,7 +117,11 @@ class StatsAccumulator:
     def empty_stats(self) -> LayerStats:
         """Zero statistics, for a Linear that no calibration token reached."""
         sq = torch.zeros(self.in_features, device=self.device) if SQ_NORMS in self.needs else None
-        hess = torch.zeros(self.in_features, self.in_features, device=self.device) if HESSIAN in self.needs else None
+        hess = (
+            torch.zeros(self.in_features, self.in_features, device=self.device)
+            if HESSIAN in self.needs
+            else None
+        )
         return LayerStats(num_tokens=0, sq_norms=sq, hessian=hess)
 
     def result(self) -> LayerStats:
@@ -141,7 +145,9 @@ def combine(nodes: list[Node], num_tokens: int) -> LayerStats:
         if node is not None:
             return node
         if hi - lo < 2:
-            raise ValueError(f"no statistics for calibration batch {lo}: partial sums do not cover [0, {num_batches})")
+            raise ValueError(
+                f"no statistics for calibration batch {lo}: partial sums do not cover [0, {num_batches})"
+            )
         mid = tree_split(lo, hi)
         return total(lo, mid).add_(total(mid, hi))
 

@@ -4,9 +4,9 @@ The model is built on the meta device with accelerate's ``init_empty_weights()``
 *buffers* real: non-persistent buffers such as rotary ``inv_freq`` are not in the checkpoint, and this
 way transformers computes them as usual instead of us guessing how. Everything outside the blocks
 (embeddings, final norm, an untied ``lm_head``) is then read from the shards; tied weights are tied
-again by the model's own mapping. Each block in turn is read (``safe_open`` memory-maps the shard:
-a tensor stays a read-only view of the page cache until pruning writes to it), pruned, written as its
-own shard and put back on the meta device. Peak memory is one block, the calibration activations
+again by the model's own mapping. Each block in turn is read (positional reads into owned memory,
+see :class:`ShardReader` for why not ``safe_open``'s memory maps), pruned, written as its own shard
+and put back on the meta device. Peak memory is one block, the calibration activations
 (spilled to disk past ``max_memory``) and the embeddings, whatever the model's size.
 
 The output is an ordinary sharded checkpoint (one shard per block plus one for the rest, with
@@ -21,10 +21,12 @@ the end, so ``resume=True`` continues a killed run without redoing finished bloc
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
 import shutil
+import struct
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -38,47 +40,102 @@ from llmprune.calibration.data import calibration_tokens, tokens_hash
 from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import BlockSource, EngineConfig, prune_blocks
 from llmprune.calibration.modules import WeightView, find_blocks
-from llmprune.calibration.resume import Progress, resolve_checkpoint_dir, run_fingerprint
+from llmprune.calibration.resume import (
+    Progress,
+    resolve_checkpoint_dir,
+    run_fingerprint,
+    save_tensors,
+    write_safetensors,
+)
 from llmprune.errors import ConfigError, DataError, ModelLoadError
 from llmprune.result import PruneResult
 
 log = logging.getLogger(__name__)
 
 _INDEX = "model.safetensors.index.json"
-_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "*.model", "chat_template*")
+_TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+)
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class ShardReader:
-    """Tensors by name from a safetensors checkpoint folder (one file or an index of shards)."""
+    """Tensors by name from a safetensors checkpoint folder (one file or an index of shards).
+
+    Tensors are read with positional reads into memory this process owns, not memory-mapped:
+    ``safe_open`` maps the *whole shard* for every tensor it hands out (one block of nine tensors cost
+    ~340 MB of address space for 51 MB of data), which defeats address-space limits and hides what a
+    block really costs. Pruning writes every Linear weight anyway, so a private copy costs no extra RSS.
+    """
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         self.folder = folder
         if (folder / _INDEX).is_file():
-            self.weight_map: dict[str, str] = json.loads((folder / _INDEX).read_text(encoding="utf-8"))["weight_map"]
+            self.weight_map: dict[str, str] = json.loads((folder / _INDEX).read_text(encoding="utf-8"))[
+                "weight_map"
+            ]
         elif (folder / "model.safetensors").is_file():
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
-                self.weight_map = dict.fromkeys(fh.keys(), "model.safetensors")  # noqa: SIM118
+            _, header = safetensors_header(folder / "model.safetensors")
+            self.weight_map = {k: "model.safetensors" for k in header if k != "__metadata__"}
         else:
             raise ModelLoadError(
-                f"{folder} holds no safetensors weights (model.safetensors or {_INDEX}); streaming reads only "
-                "safetensors. Fix: load the model once and save it with save_pretrained(), or prune in memory."
+                f"{folder} holds no safetensors weights (model.safetensors or {_INDEX}); streaming reads "
+                "only safetensors. Fix: load the model once and save_pretrained() it, or prune in memory."
             )
 
-    def read(self, keys: Mapping[str, str]) -> dict[str, Tensor]:
-        """``{model name: checkpoint key}`` → ``{model name: tensor}``; tensors are memory-mapped views."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
+    def read(self, keys: Mapping[str, str], device: torch.device | None = None) -> dict[str, Tensor]:
+        """``{model name: checkpoint key}`` → ``{model name: tensor}``, read shard by shard."""
+        by_file: dict[str, dict[str, str]] = {}
         for name, key in keys.items():
-            by_file.setdefault(self.weight_map[key], []).append(name)
+            by_file.setdefault(self.weight_map[key], {})[name] = key
         out = {}
         for file, names in by_file.items():
-            with safe_open(str(self.folder / file), framework="pt") as fh:
-                for name in names:
-                    out[name] = fh.get_tensor(keys[name])
+            out.update(read_safetensors(self.folder / file, names, device))
         return out
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, header) of a safetensors file: 8-byte little-endian length, then JSON."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        return 8 + size, json.loads(fh.read(size))
+
+
+def read_safetensors(
+    path: Path, keys: Mapping[str, str], device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """``{name: key in file}`` → ``{name: tensor}``: positional reads into fresh tensors, in file order."""
+    start, header = safetensors_header(path)
+    out = {}
+    with open(path, "rb", buffering=0) as fh:
+        for name in sorted(keys, key=lambda n: header[keys[n]]["data_offsets"][0]):
+            info = header[keys[name]]
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            if t.numel():
+                fh.seek(start + begin)
+                if fh.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise ModelLoadError(f"{path} is truncated at tensor {keys[name]!r}.")
+            out[name] = t if device is None or device.type == "cpu" else t.to(device)
+    return out
 
 
 def _set_tensor(root: nn.Module, name: str, tensor: Tensor) -> None:
@@ -86,7 +143,9 @@ def _set_tensor(root: nn.Module, name: str, tensor: Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = root.get_submodule(module_name)
     if leaf in module._parameters:
-        module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+        module._parameters[leaf] = (
+            tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+        )
     else:
         module._buffers[leaf] = tensor
 
@@ -116,7 +175,8 @@ def checkpoint_names(model: nn.Module, reader: ShardReader) -> dict[str, str]:
             name, pattern = rename_source_key(key, [], [], base, meta)
         if pattern is not None:
             raise ModelLoadError(
-                f"{reader.folder} stores {key!r} in a layout transformers converts on load (e.g. fused experts); "
+                f"{reader.folder} stores {key!r} in a layout transformers converts on load (e.g. fused "
+                "experts); "
                 "streaming reads blocks one at a time and cannot. Fix: prune in memory."
             )
         if name in meta:
@@ -154,22 +214,37 @@ class StreamingBlocks(BlockSource):
         for i, block in enumerate(self.blocks):  # check every block's tensors exist before any work
             prefix = f"{self.prefix}.{i}."
             wanted = [prefix + k for k in block.state_dict(keep_vars=True)]
-            absent = [n for n in wanted if n not in names and n in params]  # a missing buffer keeps its built value
+            absent = [n for n in wanted if n not in names and n in params]  # buffers may keep built values
             if absent:
                 raise _missing_error(reader.folder, model, absent)
             self.keys.append({n[len(prefix) :]: names[n] for n in wanted if n in names})
 
     def load(self, index: int, block: nn.Module, device: torch.device) -> None:
         current = block.state_dict(keep_vars=True)
-        for rel, tensor in self.reader.read(self.keys[index]).items():
+        for rel, tensor in self.reader.read(self.keys[index], device).items():
             _set_tensor(block, rel, tensor.to(device=device, dtype=current[rel].dtype))
+
+    def tidy(self) -> None:
+        _trim_heap()
 
     def release(self, index: int, block: nn.Module) -> None:
         for module in block.modules():
             for key, p in module._parameters.items():
                 if p is not None:
-                    module._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                    module._parameters[key] = nn.Parameter(
+                        torch.empty_like(p, device="meta"), requires_grad=False
+                    )
         _trim_heap()
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        return lib
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
 
 
 def _trim_heap() -> None:
@@ -178,18 +253,9 @@ def _trim_heap() -> None:
     glibc raises its mmap threshold after big frees, so later block-sized buffers come from the heap and
     stay resident once freed: without this, resident memory creeps up by about a block per block.
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: ctypes.CDLL | bool | None = None
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def resolve_folder(model: str | os.PathLike) -> Path:
@@ -207,12 +273,16 @@ def resolve_folder(model: str | os.PathLike) -> Path:
         )
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} holds no config.json: point model at a Hugging Face checkpoint folder.")
+            raise ModelLoadError(
+                f"{path} holds no config.json: point model at a Hugging Face checkpoint folder."
+            )
         return path
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
     except Exception as exc:
         raise ModelLoadError(f"could not find model {name!r} as a folder or on the Hub ({exc}).") from exc
 
@@ -226,7 +296,9 @@ def build_skeleton(
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None):
-        raise ModelLoadError(f"{folder} is a quantized checkpoint: streaming prunes dense safetensors weights only.")
+        raise ModelLoadError(
+            f"{folder} is a quantized checkpoint: streaming prunes dense safetensors weights only."
+        )
     reader = ShardReader(folder)
     with init_empty_weights(include_buffers=False):  # buffers real: rotary tables are computed, not loaded
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -240,7 +312,11 @@ def build_skeleton(
     missing = [n for n in outside if n not in names]
     for name, tensor in reader.read(found).items():
         _set_tensor(model, name, tensor.to(state[name].dtype))
-    tied = model.get_expanded_tied_weights_keys(all_submodels=True) if hasattr(model, "get_expanded_tied_weights_keys") else {}
+    tied = (
+        model.get_expanded_tied_weights_keys(all_submodels=True)
+        if hasattr(model, "get_expanded_tied_weights_keys")
+        else {}
+    )
     for target, source in tied.items():  # the checkpoint holds one of each tied pair: share it
         if target in missing and source in found:
             _set_tensor(model, target, model.get_parameter(source))
@@ -268,7 +344,9 @@ def outside_tensors(model: nn.Module, prefix: str) -> dict[str, Tensor]:
     state = model.state_dict(keep_vars=True)
     for name, t in state.items():
         if not name.startswith(prefix + "."):
-            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+            groups.setdefault(
+                (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []
+            ).append(name)
     out = {}
     for names in groups.values():
         keep = [n for n in names if n not in tied] or names
@@ -286,8 +364,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _sparsity_report(model: nn.Module, prefix: str, files: list[Path], result: PruneResult) -> dict[str, Any]:
     """``sparsity.json`` as ``io.save.sparsity_report`` writes it, measured on the written shards."""
-    from safetensors import safe_open
-
     from llmprune.io.inspect import CHECKED_PATTERNS, weight_stats
 
     modules: dict[str, dict[str, Any]] = {}
@@ -295,18 +371,21 @@ def _sparsity_report(model: nn.Module, prefix: str, files: list[Path], result: P
         names = [n for n in result.modules if n.startswith(f"{prefix}.{i}.")]
         if not names:
             continue
-        with safe_open(str(path), framework="pt") as fh:
-            for name in names:
-                weight = fh.get_tensor(f"{name}.weight")
-                info = weight_stats(weight.t() if WeightView(model.get_submodule(name)).transposed else weight)
-                report = result.modules[name]
-                info["target"] = report.target
-                info["nm_valid"] = report.target in info["nm_patterns"] if ":" in report.target else None
-                info["layer_error"] = report.layer_error
-                info["seconds"] = report.seconds
-                modules[name] = info
+        for name in names:  # one matrix in memory at a time
+            weight = read_safetensors(path, {"w": f"{name}.weight"})["w"]
+            info = weight_stats(weight.t() if WeightView(model.get_submodule(name)).transposed else weight)
+            report = result.modules[name]
+            info["target"] = report.target
+            info["nm_valid"] = report.target in info["nm_patterns"] if ":" in report.target else None
+            info["layer_error"] = report.layer_error
+            info["seconds"] = report.seconds
+            modules[name] = info
     total = sum(v["shape"][0] * v["shape"][1] for v in modules.values())
-    common = [str(p) for p in CHECKED_PATTERNS if modules and all(str(p) in v["nm_patterns"] for v in modules.values())]
+    common = [
+        str(p)
+        for p in CHECKED_PATTERNS
+        if modules and all(str(p) in v["nm_patterns"] for v in modules.values())
+    ]
     return {
         "format": "llmprune.sparsity.v1",
         "method": result.method,
@@ -332,12 +411,9 @@ def write_streamed(
 ) -> Path:
     """Assemble the output folder atomically: block shards from the progress folder, the rest from memory."""
     import yaml
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from llmprune.io.card import build_model_card
     from llmprune.io.save import _FORBIDDEN_CONFIG_KEYS, _plain, atomic_folder, build_run_info, default_recipe
-    from llmprune.io.save import save_keep_masks
 
     num = len(source.blocks)
     names = [f"model-{k:05d}-of-{num + 1:05d}.safetensors" for k in range(1, num + 2)]
@@ -345,7 +421,7 @@ def write_streamed(
     total_size = 0
     with atomic_folder(out) as staging:
         rest = saved_names(model, outside_tensors(model, source.prefix))
-        save_file(rest, str(staging / names[0]), metadata={"format": "pt"})
+        save_tensors(staging / names[0], rest)
         weight_map.update(dict.fromkeys(rest, names[0]))
         total_size += sum(t.numel() * t.element_size() for t in rest.values())
         shards = []
@@ -353,18 +429,20 @@ def write_streamed(
             shard = staging / names[i + 1]
             _link_or_copy(prog.block_file(i), shard)
             shards.append(shard)
-            with safe_open(str(shard), framework="pt") as fh:
-                for key in fh.keys():  # noqa: SIM118
+            _, header = safetensors_header(shard)
+            for key, info in header.items():
+                if key != "__metadata__":
                     weight_map[key] = names[i + 1]
-                    sl = fh.get_slice(key)
-                    total_size += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+                    total_size += info["data_offsets"][1] - info["data_offsets"][0]
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (staging / _INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         model.config.save_pretrained(staging)
         config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
         for key in _FORBIDDEN_CONFIG_KEYS:
             config.pop(key, None)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         if (folder / "generation_config.json").is_file():
             shutil.copyfile(folder / "generation_config.json", staging / "generation_config.json")
         if tokenizer is not None:
@@ -375,8 +453,8 @@ def write_streamed(
                     shutil.copyfile(f, staging / f.name)
         sparsity = _sparsity_report(model, source.prefix, shards, result)
         (staging / "sparsity.json").write_text(json.dumps(sparsity, indent=2) + "\n", encoding="utf-8")
-        if result.keep_masks:
-            save_keep_masks(result.keep_masks, staging / "masks.safetensors")
+        if result.modules:
+            _write_masks(staging / "masks.safetensors", source.prefix, num, prog, result)
         resolved = _plain(recipe) if recipe is not None else default_recipe(result)
         (staging / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         info = build_run_info(model, result, {"streaming": True, **(run_info or {})}, None)
@@ -385,15 +463,29 @@ def write_streamed(
     return out
 
 
+def _write_masks(path: Path, prefix: str, num_blocks: int, prog: Progress, result: PruneResult) -> None:
+    """One ``masks.safetensors`` (``io.save``'s format) from the per-block files, a block at a time."""
+    from llmprune.io.save import MASKS_FORMAT
+
+    per_block = [[n for n in result.modules if n.startswith(f"{prefix}.{i}.")] for i in range(num_blocks)]
+    shapes = {n: list(result.modules[n].shape) for names in per_block for n in names}
+    layout = [(n, torch.uint8, [-(-_numel(shapes[n]) // 8)]) for names in per_block for n in names]
+
+    def blocks():
+        for i, names in enumerate(per_block):
+            if names:
+                packed = read_safetensors(prog.masks_file(i), {n: n for n in names})
+                yield from (packed[n] for n in names)
+
+    metadata = {"format": MASKS_FORMAT, "bit_order": "big", "shapes": json.dumps(shapes)}
+    write_safetensors(path, layout, blocks(), metadata)
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for s in shape:
         n *= int(s)
     return n
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
 
 
 def prune_streaming(
@@ -441,7 +533,9 @@ def prune_streaming(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     if isinstance(dataset, str) and dataset == "self":
-        raise DataError("dataset='self' samples text from the whole model, which streaming never holds: give text.")
+        raise DataError(
+            "dataset='self' samples text from the whole model, which streaming never holds: give text."
+        )
     folder = resolve_folder(model)
     compute = resolve_device(device)
     skeleton, reader, names = build_skeleton(folder, resolve_dtype(dtype, compute), trust_remote_code)
@@ -454,7 +548,9 @@ def prune_streaming(
             log.info("no tokenizer in %s (%s)", folder, exc)
     max_len = getattr(skeleton.config, "max_position_embeddings", None)
     if max_len and max_seq_length > max_len:
-        raise ConfigError(f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it.")
+        raise ConfigError(
+            f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
+        )
     out = Path(output_dir).expanduser()
     comm = current_comm()
     if comm.is_main:
@@ -488,18 +584,28 @@ def prune_streaming(
     )
     ckpt_dir = resolve_checkpoint_dir(checkpoint_dir, out, resume)
     work = ckpt_dir or out.parent / f".{out.name}.llmprune-work-{uuid.uuid4().hex[:8]}"
-    fingerprint = run_fingerprint(cfg, skeleton, comm.broadcast_tokens(input_ids), len(source.blocks), compute)
+    fingerprint = run_fingerprint(
+        cfg, skeleton, comm.broadcast_tokens(input_ids), len(source.blocks), compute
+    )
     prog = Progress.open(work, comm, fingerprint, resume=resume, resumable=ckpt_dir is not None)
     try:
         prune_blocks(skeleton, input_ids, cfg, result, source=source, progress=prog)
         result.seconds = time.perf_counter() - start
         if comm.is_main:
-            write_streamed(out, skeleton, source, prog, result, tokenizer, folder, recipe=recipe, run_info=run_info)
+            write_streamed(
+                out, skeleton, source, prog, result, tokenizer, folder, recipe=recipe, run_info=run_info
+            )
         prog.discard()
     except BaseException:
         if ckpt_dir is None and comm.is_main:  # nothing to resume from: do not leave half a model behind
             shutil.rmtree(work, ignore_errors=True)
         raise
-    log.info("%s %s: %.2f%% pruned in %.1fs, written to %s", method, result.sparsity, 100 * result.overall_sparsity,
-             result.seconds, out)
+    log.info(
+        "%s %s: %.2f%% pruned in %.1fs, written to %s",
+        method,
+        result.sparsity,
+        100 * result.overall_sparsity,
+        result.seconds,
+        out,
+    )
     return result
