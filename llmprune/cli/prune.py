@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from llmprune.io.models import DEFAULT_MODEL, EMBEDDED_LICENSES
+from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags
+from llmprune.io.models import EMBEDDED_LICENSES
 
 log = logging.getLogger(__name__)
 
@@ -22,29 +23,9 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model and report perplexity before and after")
     p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); flags given here override it")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help=f"Hub id, local folder, .gguf file, or {DEFAULT_MODEL!r} (default)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)"
-    )
-    g = p.add_argument_group("pruning")
-    g.add_argument("--method", help="registered solver: magnitude, wanda, sparsegpt, icbs (default wanda)")
-    g.add_argument("--sparsity", help="fraction such as 0.5, or N:M such as 2:4 (keep 2 of every 4)")
-    g.add_argument(
-        "--targets", nargs="*", help="module names, suffixes or re:patterns to prune (default: all)"
-    )
-    g.add_argument("--ignore", nargs="*", help="module names, suffixes or re:patterns to leave dense")
-    g.add_argument(
-        "--true_sequential", action="store_true", default=None, help="calibrate q,k,v → o → mlp in turn"
-    )
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="solver option, repeatable")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--dataset", help="calibration text: file, folder, Hub dataset, c4, wikitext2, self")
-    g.add_argument("--num_calibration_samples", type=int, help="windows of text (default 128)")
-    g.add_argument("--max_seq_length", type=int, help="tokens per window (default 2048)")
-    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    g.add_argument("--batch_size", type=int, help="windows per forward (default 8)")
+    add_model_flags(p)
+    add_pruning_flags(p)
+    add_calibration_flags(p)
     g = p.add_argument_group("recovery")
     g.add_argument("--recover", choices=["perp", "lift"], help="retrain a tiny subset after pruning")
     g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")

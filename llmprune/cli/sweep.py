@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmprune.io.models import DEFAULT_MODEL
+from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags
 
 log = logging.getLogger(__name__)
 
@@ -22,28 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="YAML recipe for every setting but the sparsity (flags override)")
     p.add_argument("--sparsities", required=True, help="comma-separated targets, e.g. 0.3,0.5,0.7 or 0.5,2:4")
     p.add_argument("--no_dense", action="store_true", help="do not measure the dense model")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help=f"Hub id, local folder, .gguf file, or {DEFAULT_MODEL!r} (default)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)"
-    )
-    g = p.add_argument_group("pruning")
-    g.add_argument("--method", help="registered solver: magnitude, wanda, sparsegpt, icbs (default wanda)")
-    g.add_argument(
-        "--targets", nargs="*", help="module names, suffixes or re:patterns to prune (default: all)"
-    )
-    g.add_argument("--ignore", nargs="*", help="module names, suffixes or re:patterns to leave dense")
-    g.add_argument(
-        "--true_sequential", action="store_true", default=None, help="calibrate q,k,v → o → mlp in turn"
-    )
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="solver option, repeatable")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--dataset", help="calibration text: file, folder, Hub dataset, c4, wikitext2, self")
-    g.add_argument("--num_calibration_samples", type=int, help="windows of text (default 128)")
-    g.add_argument("--max_seq_length", type=int, help="tokens per window (default 2048)")
-    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    g.add_argument("--batch_size", type=int, help="windows per forward (default 8)")
+    add_model_flags(p)
+    add_pruning_flags(p, with_sparsity=False)
+    add_calibration_flags(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default: --max_seq_length)")
