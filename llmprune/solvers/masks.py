@@ -13,11 +13,14 @@ from llmprune.spec import NMPattern, SparsitySpec
 
 def _prune_lowest(scores: Tensor, count: int) -> Tensor:
     """Keep-mask over the last dim of ``scores`` pruning the ``count`` lowest entries of each row."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if count > 0:
-        order = torch.sort(scores, dim=-1, stable=True).indices[..., :count]
-        keep.scatter_(-1, order, False)
-    return keep
+    if count <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # k-th value selection (linear time) instead of a full sort; ties go to the lower index, exactly
+    # as a stable ascending sort would order them
+    threshold = torch.kthvalue(scores, count, dim=-1, keepdim=True).values
+    below, tied = scores < threshold, scores == threshold
+    room = count - below.sum(-1, keepdim=True)
+    return ~(below | (tied & (tied.cumsum(-1) <= room)))
 
 
 def keep_nm(scores: Tensor, pattern: NMPattern) -> Tensor:
