@@ -40,7 +40,8 @@ def test_cli_prunes_embedded_model_and_checkpoint_reloads(tmp_path):
     dense, pruned = summary["perplexity"]["dense"]["ppl"], summary["perplexity"]["pruned"]["ppl"]
     assert 5 < dense < 200, dense  # SmolLM2-135M on Austen at 128 tokens
     assert dense < pruned < 50 * dense
-    assert summary["achieved_sparsity"] == pytest.approx(0.5)
+    # >= 0.5: the dequantized Q4_1 weights already hold a few exact zeros beside the pruned ones
+    assert 0.5 <= summary["achieved_sparsity"] < 0.5 + 1e-4
 
     # the checkpoint loads with plain transformers, in a process that never imports llmprune
     check = (
@@ -53,11 +54,11 @@ def test_cli_prunes_embedded_model_and_checkpoint_reloads(tmp_path):
         "    if isinstance(mod, torch.nn.Linear) and '.layers.' in name:\n"
         "        g = (mod.weight != 0).reshape(mod.weight.shape[0], -1, 4).sum(-1)\n"
         "        bad += int((g > 2).sum())\n"
-        "print(json.dumps({'bad': bad, 'emb_zeros': int((m.get_input_embeddings().weight == 0).sum())}))\n"
+        "print(json.dumps({'bad': bad}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdict = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert verdict == {"bad": 0, "emb_zeros": 0}
+    assert verdict == {"bad": 0}  # no 2:4 group keeps more than 2 (embeddings: see test_engine)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and "sparsity_config" not in json.dumps(config)
