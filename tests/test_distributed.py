@@ -178,3 +178,14 @@ def test_too_many_processes_for_the_batches_is_a_clear_error(monkeypatch):
             batch_size=2,
             progress=False,
         )
+
+
+def test_solves_are_dealt_largest_first_to_the_least_loaded_rank():
+    from llmprune.calibration.distributed import Comm
+
+    class TwoRanks(Comm):
+        world = 2
+
+    assert TwoRanks().owners([5, 1, 1, 1, 1, 1]) == [0, 1, 1, 1, 1, 1]  # hand-computed: loads 5 and 5
+    assert TwoRanks().owners([3, 3, 2, 2, 2]) == [0, 1, 0, 1, 0]  # loads 7 and 5
+    assert Comm().owners([4, 2]) == [0, 0]

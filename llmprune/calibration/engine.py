@@ -49,7 +49,7 @@ from llmprune.calibration.stats import StatsAccumulator
 from llmprune.errors import ConfigError
 from llmprune.registry import SolverInfo
 from llmprune.result import BlockReport, ModuleReport, PruneResult
-from llmprune.solvers.types import LayerProblem, LayerStats, reconstruction_error
+from llmprune.solvers.types import HESSIAN, LayerProblem, LayerStats, reconstruction_error
 from llmprune.spec import ModuleSelection, SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,13 @@ def _solve_module(
     return report, keep.cpu(), result.weight is not None
 
 
+def _solve_cost(module: nn.Module, needs: frozenset[str]) -> float:
+    """Rough solve time, to share Linears between processes: Hessian solvers factor an (in, in) matrix
+    and sweep out x in^2; the others score out x in weights."""
+    out, inp = WeightView(module).shape
+    return float(inp * inp * (out + inp)) if HESSIAN in needs else float(out * inp)
+
+
 def _specs(model_blocks, prefix: str, cfg: EngineConfig) -> dict[str, SparsitySpec]:
     """Resolve every selected module's spec, applying a solver's whole-model allocation if it has one.
 
@@ -295,15 +302,14 @@ def _solve_group(
     comm: Comm,
     num_batches: int,
     result: PruneResult,
-    first: int,
     source: BlockSource,
 ) -> None:
     """Reduce the group's statistics over all batches, solve each Linear on its owner rank, share."""
     unique = list({id(a): a for a in accs.values()}.values())  # q/k/v share one accumulator
     reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_batches), strict=True))
     device = next(iter(modules.values())).weight.device
-    for k, name in enumerate(group):
-        owner = comm.owner(first + k)
+    owners = comm.owners([_solve_cost(modules[n], cfg.solver.needs) for n in group])
+    for name, owner in zip(group, owners, strict=True):
         keep = report = None
         updated = False
         if comm.rank == owner:
@@ -400,7 +406,6 @@ def prune_blocks(
         dense_out = activation_list(spill, cfg.offload_dir) if modules else None
         if modules:
             groups = execution_groups(block, modules, inputs) if cfg.true_sequential else [list(modules)]
-            solved = 0
             for g, group in enumerate(groups):
                 bar.set_postfix_str(f"{label} calibrating {g + 1}/{len(groups)}")
                 group_modules = {n: modules[n] for n in group}
@@ -412,10 +417,7 @@ def prune_blocks(
                     stop_after=None if g == 0 else group[-1],
                     outputs=dense_out if g == 0 else None,
                 )
-                _solve_group(
-                    group, group_modules, accs, specs, cfg, comm, num_batches, result, solved, source
-                )
-                solved += len(group)
+                _solve_group(group, group_modules, accs, specs, cfg, comm, num_batches, result, source)
                 del accs
         bar.set_postfix_str(f"{label} propagating")
         errors: list[list[float]] = []
