@@ -364,7 +364,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _sparsity_report(model: nn.Module, prefix: str, files: list[Path], result: PruneResult) -> dict[str, Any]:
     """``sparsity.json`` as ``io.save.sparsity_report`` writes it, measured on the written shards."""
-    from llmprune.io.inspect import CHECKED_PATTERNS, weight_stats
+    from llmprune.io.save import module_entry, sparsity_summary
 
     modules: dict[str, dict[str, Any]] = {}
     for i, path in enumerate(files):
@@ -373,28 +373,9 @@ def _sparsity_report(model: nn.Module, prefix: str, files: list[Path], result: P
             continue
         for name in names:  # one matrix in memory at a time
             weight = read_safetensors(path, {"w": f"{name}.weight"})["w"]
-            info = weight_stats(weight.t() if WeightView(model.get_submodule(name)).transposed else weight)
-            report = result.modules[name]
-            info["target"] = report.target
-            info["nm_valid"] = report.target in info["nm_patterns"] if ":" in report.target else None
-            info["layer_error"] = report.layer_error
-            info["seconds"] = report.seconds
-            modules[name] = info
-    total = sum(v["shape"][0] * v["shape"][1] for v in modules.values())
-    common = [
-        str(p)
-        for p in CHECKED_PATTERNS
-        if modules and all(str(p) in v["nm_patterns"] for v in modules.values())
-    ]
-    return {
-        "format": "llmprune.sparsity.v1",
-        "method": result.method,
-        "target": result.sparsity,
-        "overall_sparsity": sum(v["zeros"] for v in modules.values()) / total if total else 0.0,
-        "num_modules": len(modules),
-        "nm_patterns": common,
-        "modules": modules,
-    }
+            transposed = WeightView(model.get_submodule(name)).transposed
+            modules[name] = module_entry(weight.t() if transposed else weight, result.modules[name])
+    return sparsity_summary(modules, result)
 
 
 def write_streamed(

@@ -123,17 +123,28 @@ def sparsity_report(model: nn.Module, result: PruneResult | None = None) -> dict
 
     modules: dict[str, dict[str, Any]] = {}
     for name, module in _candidate_modules(model, result).items():
-        view = WeightView(module)
         weight = module.weight.detach()
-        info = weight_stats(weight.t() if view.transposed else weight)  # (out, in)
         report = result.modules.get(name) if result is not None else None
-        target = report.target if report is not None else None
-        info["target"] = target
-        info["nm_valid"] = target in info["nm_patterns"] if target and ":" in target else None
-        if report is not None:
-            info["layer_error"] = report.layer_error
-            info["seconds"] = report.seconds
-        modules[name] = info
+        modules[name] = module_entry(weight.t() if WeightView(module).transposed else weight, report)
+    return sparsity_summary(modules, result)
+
+
+def module_entry(weight: Tensor, report=None) -> dict[str, Any]:
+    """One ``sparsity.json`` module entry from an (out, in) weight and the run's report (if any)."""
+
+    info = weight_stats(weight)
+    target = report.target if report is not None else None
+    info["target"] = target
+    info["nm_valid"] = target in info["nm_patterns"] if target and ":" in target else None
+    if report is not None:
+        info["layer_error"] = report.layer_error
+        info["seconds"] = report.seconds
+    return info
+
+
+def sparsity_summary(modules: dict[str, dict[str, Any]], result: PruneResult | None) -> dict[str, Any]:
+    """The ``sparsity.json`` document around per-module entries (shared with the streaming writer)."""
+
     total = sum(v["shape"][0] * v["shape"][1] for v in modules.values())
     common = [
         str(p)
