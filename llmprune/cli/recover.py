@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.io.models import DEFAULT_MODEL
+from llmprune.recipe import parse_options
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,6 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "dtype": "float32",
 }
-
-
-def _options(pairs: list[str] | None) -> dict[str, Any]:
-    """``--option r=8 --option lora=scale`` → typed method options (YAML scalars)."""
-    import yaml
-
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"llmprune: error: --option expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -136,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.recovery import method_options, recover
 
     s = resolve(args)
-    options = _options(args.option)
+    options = parse_options(args.option or [])  # the recipes' YAML scalars: '2:4' stays text
     allowed = method_options(s["method"])  # fail before loading anything
     unknown = [k for k in options if k not in allowed]
     if unknown:
