@@ -43,7 +43,8 @@ from torch import Tensor
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import get_solver, register_solver
 from llmprune.solvers.hessian import check_dampening
-from llmprune.solvers.qubo import anneal, intra_op_threads
+from llmprune.solvers.qubo import anneal
+from llmprune.solvers.threads import intra_op_threads
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, SolverResult
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def refine_mask(
         f2 = 2.0 * f.to(torch.float32)
         return f2, f2 - diag_q, f2 + diag_q
 
-    # many small ops per step: one thread avoids a hand-off per op (see qubo.intra_op_threads)
+    # many small ops per step: one thread avoids a hand-off per op (see threads.intra_op_threads)
     threads = torch.get_num_threads()
     with intra_op_threads(1):
         f2, gain, cost = marginals(f)

@@ -10,32 +10,14 @@ All functions are batched over a leading dimension (one independent problem per 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
+from llmprune.solvers.threads import intra_op_threads
+
 #: half of the penalty that rules a non-swap out of a best-partner search (float32 max is 3.4e38)
 _HALF_BIG = 1e30
-
-
-@contextmanager
-def intra_op_threads(threads: int) -> Iterator[None]:
-    """Run torch ops on ``threads`` intra-op threads inside the block, then restore the caller's.
-
-    Annealing is thousands of small ops in a row; with more than one thread each op pays a thread
-    hand-off, which made it 10-100x slower on a 2-core machine (worst when the cores are busy).
-    """
-    previous = torch.get_num_threads()
-    if previous == threads:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def qubo_energy(q: Tensor, x: Tensor, linear: Tensor | None = None) -> Tensor:
@@ -202,4 +184,4 @@ def anneal(
     return x_out > 0.5, exact.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
 
-__all__ = ["anneal", "exhaustive_minimum", "intra_op_threads", "qubo_energy"]
+__all__ = ["anneal", "exhaustive_minimum", "qubo_energy"]

@@ -22,7 +22,7 @@ from torch import Tensor
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import register_solver
 from llmprune.solvers.hessian import check_dampening, damped_inverse_cholesky, dead_columns
-from llmprune.solvers.qubo import intra_op_threads
+from llmprune.solvers.threads import intra_op_threads
 from llmprune.solvers.types import HESSIAN, LayerProblem, SolverResult
 from llmprune.spec import SparsitySpec
 
