@@ -42,7 +42,6 @@ from torch import Tensor
 
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import get_solver, register_solver
-from llmprune.solvers.hessian import check_dampening
 from llmprune.solvers.qubo import anneal
 from llmprune.solvers.threads import intra_op_threads
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, SolverResult
@@ -143,8 +142,28 @@ def _frozen(gain: Tensor, cost: Tensor, pruned: Tensor, fraction: float, group_s
     return ((is_pruned & low_gain) | (~is_pruned & high_cost)).float()
 
 
+def block_qubo(
+    values: Tensor, h32: Tensor, f2: Tensor, pruned32: Tensor, idx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each row's block QUBO ``(Q_bb, c)``: the row loss is ``x_b^T Q_bb x_b + c^T x_b`` + a constant.
+
+    A block weight j takes ``values_j`` if kept and 0 if pruned (x_j = 1), so ``Q_bb = (v v^T) ∘ H_bb``
+    and ``c = 2 Q_bo x_o = (2 Q x)_b - 2 Q_bb x_b``: the rest of the row, fixed, seen by the block as
+    a linear term. ``f2`` is ``2 Q x`` = 2 v ∘ ((w - ŵ) H) of the current state. -> (rows, B, B), (rows, B).
+    """
+    width = values.shape[1]
+    size = idx.shape[1]
+    vb = values.gather(1, idx)  # (rows, B)
+    pair = (idx.unsqueeze(-1) * width + idx.unsqueeze(-2)).view(-1)
+    q = h32.view(-1).index_select(0, pair).view(-1, size, size)
+    q.mul_(vb.unsqueeze(-1) * vb.unsqueeze(-2))  # (rows, B, B) = (v v^T) ∘ H on the block
+    x = pruned32.gather(1, idx)  # (rows, B)
+    linear = f2.gather(1, idx).sub_(torch.bmm(q, x.unsqueeze(-1)).squeeze(-1), alpha=2.0)
+    return q, linear
+
+
 def _solve_blocks(
-    w32: Tensor,
+    values: Tensor,
     h32: Tensor,
     f2: Tensor,
     pruned32: Tensor,
@@ -154,56 +173,142 @@ def _solve_blocks(
 ) -> Tensor:
     """Anneal every row's block QUBO; rows go in chunks so that Q (rows, B, B) stays a few hundred MB.
 
-    The block's QUBO is ``Q_bb`` and ``c = 2 Q_bo x_o = (2 Q x)_b - 2 Q_bb x_b``: the rest of the
-    row, fixed, seen by the block as a linear term. Returns the new block assignment (out, B) bool.
+    Returns the new block assignment (out, B) bool.
     """
-    rows, width = w32.shape
+    rows = values.shape[0]
     size = idx.shape[1]
     chunk = max(1, _MAX_QUBO_ENTRIES // (size * size * anneal_options.get("restarts", 1)))
     out = []
     for r0 in range(0, rows, chunk):
         sl = slice(r0, min(rows, r0 + chunk))
-        ix = idx[sl]  # (r, B)
-        wb = w32[sl].gather(1, ix)  # (r, B)
-        pair = (ix.unsqueeze(-1) * width + ix.unsqueeze(-2)).view(-1)
-        q = h32.view(-1).index_select(0, pair).view(-1, size, size)
-        q.mul_(wb.unsqueeze(-1) * wb.unsqueeze(-2))  # (r, B, B) = (w w^T) ∘ H on the block
-        x = pruned32[sl].gather(1, ix)  # (r, B)
-        linear = f2[sl].gather(1, ix).sub_(torch.bmm(q, x.unsqueeze(-1)).squeeze(-1), alpha=2.0)
+        q, linear = block_qubo(values[sl], h32, f2[sl], pruned32[sl], idx[sl])
+        x = pruned32[sl].gather(1, idx[sl])
         out.append(anneal(q, linear, x, group_size=group_size, **anneal_options)[0])
     return torch.cat(out)
 
 
-def _moved(
-    w: Tensor, h: Tensor, f: Tensor, pruned: Tensor, idx: Tensor, x_new: Tensor, threads: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rows whose block changed (changed,), with their new field, loss and mask (changed, ...), fp64.
+class _Descent:
+    """Per-row state of the descent, fp64: weights ``new`` (ŵ), field ``g = (w - ŵ) H``, loss ``(w - ŵ)·g``.
 
-    With few swaps per row, ``(W∘X) H`` moves by just the swapped weights' rows of H, O(changes x in);
-    with many, one product over the changed rows is cheaper than gathering that many rows of H.
+    Mask-only mode (the paper's): kept weights stay at their original values, so every weight's
+    value if kept is ``w``. Update mode: a kept weight's value is its current ŵ, and a pruned one
+    would come back at ``g_j / H_jj``, the value that best cancels the row's residual with the rest
+    fixed (one OBS re-add); kept weights are re-fitted every few steps by :func:`refit_kept`.
     """
-    x_old = pruned.gather(1, idx)  # (out, B)
-    change = x_new.to(torch.float64) - x_old  # (out, B) in {-1, 0, 1}
-    rows = change.any(-1).nonzero().squeeze(1)  # (changed,)
-    change, sub_idx, w_rows = change[rows], idx[rows], w[rows]
-    trial = pruned[rows].scatter_(1, sub_idx, x_new[rows].to(torch.float64))  # (changed, in)
-    at, slots = change.nonzero(as_tuple=True)  # (swapped weights,)
-    if at.numel() * _SPARSE_UPDATE < trial.numel():
-        cols = sub_idx[at, slots]
-        coeff = change[at, slots] * w_rows[at, cols]  # (swapped,)
-        moved = torch.zeros_like(trial).index_add_(0, at, h.index_select(0, cols) * coeff.unsqueeze(1))
-        f_new = f[rows] + w_rows * moved
-    else:
-        with intra_op_threads(threads):  # one big GEMM: the caller's threads pay off here
-            f_new = w_rows * ((w_rows * trial) @ h)
-    return rows, f_new, (f_new * trial).sum(-1), trial
+
+    def __init__(self, weight: Tensor, hessian: Tensor, keep: Tensor, new_weight: Tensor | None) -> None:
+        self.w = weight.detach().to(torch.float64)  # (out, in)
+        self.h = hessian  # (in, in) fp64, ridged
+        self.h32 = hessian.to(torch.float32)
+        self.h_diag32 = torch.diagonal(self.h32).clamp_min(torch.finfo(torch.float32).tiny)
+        self.update = new_weight is not None
+        start = self.w if new_weight is None else new_weight.detach().to(torch.float64)
+        self.pruned = (~keep).to(torch.float64)  # (out, in) 1.0 = pruned
+        self.new = start.masked_fill(~keep, 0.0)
+        self.g, self.loss = self._field_and_loss(self.w - self.new)
+
+    def _field_and_loss(self, delta: Tensor) -> tuple[Tensor, Tensor]:
+        g = delta @ self.h
+        return g, (delta * g).sum(-1)
+
+    def values(self) -> Tensor:
+        """(out, in) fp64: what each weight is worth if kept (see the class docstring)."""
+        if not self.update:
+            return self.w
+        return torch.where(self.pruned > 0.5, self.g / self.h_diag32.to(torch.float64), self.new)
+
+    def trial(
+        self, values: Tensor, idx: Tensor, x_new: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Rows whose block changed (changed,), with their new weights, field, loss and pruned mask.
+
+        With few swaps per row, the field moves by just the swapped weights' rows of H, O(changes x
+        in); with many, one product over the changed rows is cheaper than gathering that many rows.
+        """
+        x_new = x_new.to(torch.bool)
+        change = x_new.to(torch.float64) - self.pruned.gather(1, idx)  # (out, B) in {-1, 0, 1}
+        rows = change.any(-1).nonzero().squeeze(1)  # (changed,)
+        change, sub_idx, x_rows = change[rows], idx[rows], x_new[rows]
+        block_values = values[rows].gather(1, sub_idx)  # (changed, B)
+        new = self.new[rows].scatter_(1, sub_idx, block_values.masked_fill(x_rows, 0.0))
+        pruned = self.pruned[rows].scatter_(1, sub_idx, x_rows.to(torch.float64))
+        step = change * block_values  # how much the residual w - ŵ moves at each block weight
+        at, slots = step.nonzero(as_tuple=True)  # (swapped weights,)
+        if at.numel() * _SPARSE_UPDATE < new.numel():
+            coeff = step[at, slots]
+            moved = torch.zeros_like(new).index_add_(
+                0, at, self.h.index_select(0, sub_idx[at, slots]) * coeff.unsqueeze(1)
+            )
+            g = self.g[rows] + moved
+            loss = ((self.w[rows] - new) * g).sum(-1)
+        else:
+            g, loss = self._field_and_loss(self.w[rows] - new)
+        return rows, new, g, loss, pruned
+
+    def accept(
+        self, rows: Tensor, new: Tensor, g: Tensor, loss: Tensor, pruned: Tensor | None = None
+    ) -> bool:
+        """Take the rows whose loss drops by more than fp64 rounding could explain: the loss is monotone."""
+        old = self.loss.index_select(0, rows)
+        better_at = (loss < old - _MARGIN * old.abs()).nonzero().squeeze(1)
+        if not better_at.numel():
+            return False
+        better = rows.index_select(0, better_at)
+        self.new.index_copy_(0, better, new.index_select(0, better_at))
+        self.g.index_copy_(0, better, g.index_select(0, better_at))
+        self.loss.index_copy_(0, better, loss.index_select(0, better_at))
+        if pruned is not None:
+            self.pruned.index_copy_(0, better, pruned.index_select(0, better_at))
+        return True
+
+    def refit(self, iterations: int, threads: int) -> bool:
+        """Re-fit every row's kept weights (:func:`refit_kept`); rows take the result if their loss drops."""
+        if iterations <= 0:
+            return False
+        keep = self.pruned < 0.5
+        with intra_op_threads(threads):  # a few large GEMMs: the caller's threads pay off here
+            new = refit_kept(self.w, self.h32, keep, self.new, iterations).to(torch.float64)
+            g, loss = self._field_and_loss(self.w - new)
+        rows = torch.arange(self.w.shape[0], device=self.w.device)
+        return self.accept(rows, new, g, loss)
 
 
-def refine_mask(
+def refit_kept(weight: Tensor, hessian: Tensor, keep: Tensor, start: Tensor, iterations: int) -> Tensor:
+    """Per-row least squares of the kept weights, ``min (w - ŵ) H (w - ŵ)^T`` with ŵ zero off ``keep``.
+
+    Jacobi-preconditioned conjugate gradients on every row at once (each row is its own system
+    ``H_SS ŵ_S = (w H)_S``), from ``start``: ~10 iterations reach the optimum to a few parts in 1e4 on
+    LLM layers, at one (rows, in) x (in, in) product each, where a direct solve would factor one
+    matrix per row. CG never raises the objective from one iterate to the next. -> fp32 (out, in).
+    """
+    h = hessian.to(torch.float32)
+    keepf = keep.to(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    precond = 1.0 / torch.diagonal(h).clamp_min(tiny)
+    x = start.to(torch.float32) * keepf
+    r = ((weight.to(torch.float32) - x) @ h) * keepf  # the residual of H_SS ŵ_S = (w H)_S
+    z = r * precond
+    p = z.clone()
+    rz = (r * z).sum(-1, keepdim=True)
+    for _ in range(iterations):
+        ap = (p @ h) * keepf
+        curvature = (p * ap).sum(-1, keepdim=True)
+        alpha = torch.where(curvature > tiny, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
+        x.add_(alpha * p)
+        r.sub_(alpha * ap)
+        z = r * precond
+        rz_next = (r * z).sum(-1, keepdim=True)
+        p = z + torch.where(rz > tiny, rz_next / rz.clamp_min(tiny), torch.zeros_like(rz)) * p
+        rz = rz_next
+    return x.masked_fill(~keep, 0.0)
+
+
+def refine(
     weight: Tensor,
     hessian: Tensor,
     keep: Tensor,
     *,
+    new_weight: Tensor | None = None,
     group_size: int | None = None,
     steps: int = 20,
     block_size: int = 32,
@@ -214,55 +319,59 @@ def refine_mask(
     frozen_fraction: float = 0.0,
     ridge: float = 0.0,
     beta_range: tuple[float, float] = (3.0, 300.0),
+    refit_iterations: int = 5,
+    refit_every: int = 5,
     time_budget: float | None = None,
     generator: torch.Generator | None = None,
     history: list[float] | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """Block coordinate descent on the keep-mask of ``weight`` (out, in) under ``hessian`` (in, in).
 
-    The objective is :func:`mask_objective` under ``ridged_hessian(hessian, ridge)``. Returns a new
-    keep-mask with the same pruned count in every row (in every aligned group of ``group_size`` for
-    N:M). ``history``, if given, receives the objective before the first step and after each step;
-    it never increases.
+    ``new_weight=None``: mask-only (the paper's), objective :func:`mask_objective` under
+    ``ridged_hessian(hessian, ridge)``; returns ``(keep, None)``. With ``new_weight`` (the init
+    solver's reconstructed weights, or the masked originals), the objective is the loss of the
+    weights themselves, ``(w - ŵ) H (w - ŵ)^T``, mask and weights move together (kept weights are
+    re-fitted by ``refit_iterations`` CG iterations every ``refit_every`` steps, twice that before the
+    first and after the last); returns ``(keep, ŵ)``. Every row keeps its pruned count (per aligned
+    group of ``group_size`` for N:M). ``history`` receives the objective before the first step and
+    after each step; it never increases.
     """
-    w32 = weight.detach().to(torch.float32)  # (out, in)
-    w = w32.to(torch.float64)  # the objective is fp64; the annealer works in fp32
     h = ridged_hessian(hessian.detach().to(torch.float64), ridge)  # (in, in)
-    h32 = h.to(torch.float32)
-    rows, width = w.shape
-    pruned = (~keep).to(torch.float64)  # (out, in) 1.0 = pruned
-    diag_q = w32 * w32 * torch.diagonal(h32)  # (out, in) = Q_jj
+    state = _Descent(weight, h, keep, new_weight)
+    rows, width = state.w.shape
     units = width // (group_size or 1)
     size = min(block_size, width)
     if group_size:
         size = max(1, min(units, size // group_size)) * group_size
     k = min(size - 1, max(1, block_pruned if block_pruned is not None else size // 4))
+    threads = torch.get_num_threads()
+    if state.update:
+        state.refit(2 * refit_iterations, threads)
 
-    f = w * ((w * pruned) @ h)  # (out, in) fp64 "field" (Q x)_j of every row, updated as swaps land
-    loss = (f * pruned).sum(-1)  # (out,) row losses x^T Q x
-
-    def marginals(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """fp32 (2 Q x), the saving of restoring each pruned weight, the cost of pruning each kept one."""
-        f2 = 2.0 * f.to(torch.float32)
-        return f2, f2 - diag_q, f2 + diag_q
+    def marginals() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Values, (2 Q x), the saving of restoring each pruned weight, the cost of pruning each kept."""
+        values = state.values()
+        v32 = values.to(torch.float32)
+        f2 = 2.0 * (values * state.g).to(torch.float32)  # (Q x)_j = v_j (H (w - ŵ))_j
+        diag_q = v32 * v32 * state.h_diag32
+        return values, f2, f2 - diag_q, f2 + diag_q
 
     # many small ops per step: one thread avoids a hand-off per op (see threads.intra_op_threads)
-    threads = torch.get_num_threads()
     with intra_op_threads(1):
-        f2, gain, cost = marginals(f)
+        values, f2, gain, cost = marginals()
         if history is not None:
-            history.append(float(loss.sum()))
-        frozen = torch.zeros(rows, units, device=w.device)
+            history.append(float(state.loss.sum()))
+        frozen = torch.zeros(rows, units, device=state.w.device)
         if frozen_fraction > 0:
-            frozen = _frozen(gain, cost, pruned.to(torch.float32), frozen_fraction, group_size)
-        tabu_until = torch.zeros(rows, units, device=w.device)
+            frozen = _frozen(gain, cost, state.pruned.to(torch.float32), frozen_fraction, group_size)
+        tabu_until = torch.zeros(rows, units, device=state.w.device)
         start = time.perf_counter()
         for step in range(steps):
             if time_budget is not None and time.perf_counter() - start >= time_budget:
                 log.debug("time budget of %.1fs reached after %d of %d steps", time_budget, step, steps)
                 break
             held = torch.maximum((tabu_until > step).to(torch.float32), 2.0 * frozen)  # (rows, units)
-            pruned32 = pruned.to(torch.float32)
+            pruned32 = state.pruned.to(torch.float32)
             if group_size:
                 idx = _select_groups(gain, cost, pruned32, held, group_size, size // group_size)
                 tabu_until.scatter_(1, idx[:, ::group_size] // group_size, float(step + 1 + tabu_steps))
@@ -270,8 +379,8 @@ def refine_mask(
                 idx = _select_unstructured(gain, cost, pruned32, held, k, size)
                 tabu_until.scatter_(1, idx, float(step + 1 + tabu_steps))
             x_new = _solve_blocks(
-                w32,
-                h32,
+                values.to(torch.float32),
+                state.h32,
                 f2,
                 pruned32,
                 idx,
@@ -281,24 +390,30 @@ def refine_mask(
                 beta_range=beta_range,
                 generator=generator,
             )
-            # keep a row's new block only if its fp64 loss drops by more than rounding could explain,
-            # so the layer loss is monotone in steps
-            rows_changed, f_trial, loss_trial, trial = _moved(w, h, f, pruned, idx, x_new, threads)
-            old_loss = loss.index_select(0, rows_changed)
-            keep_new = (loss_trial < old_loss - _MARGIN * old_loss.abs()).nonzero().squeeze(1)
-            if keep_new.numel():
-                better = rows_changed.index_select(0, keep_new)  # (improved rows,)
-                pruned.index_copy_(0, better, trial.index_select(0, keep_new))
-                f.index_copy_(0, better, f_trial.index_select(0, keep_new))
-                loss.index_copy_(0, better, loss_trial.index_select(0, keep_new))
-                f2, gain, cost = marginals(f)
+            moved = state.accept(*state.trial(values, idx, x_new))
+            if state.update and refit_every and (step + 1) % refit_every == 0:
+                moved = state.refit(refit_iterations, threads) or moved
+            if moved:
+                values, f2, gain, cost = marginals()
             if history is not None:
-                history.append(float(loss.sum()))
-    return pruned < 0.5
+                history.append(float(state.loss.sum()))
+        if state.update and state.refit(2 * refit_iterations, threads) and history is not None:
+            history[-1] = float(state.loss.sum())
+    keep = state.pruned < 0.5
+    return keep, (state.new.to(torch.float32).masked_fill(~keep, 0.0) if state.update else None)
+
+
+def refine_mask(weight: Tensor, hessian: Tensor, keep: Tensor, **options) -> Tensor:
+    """Mask-only :func:`refine` (the paper's iCBS, weights unchanged): the refined keep-mask."""
+    return refine(weight, hessian, keep, **options)[0]
+
+
+#: the ridge (in units of mean(diag H)) each mode defaults to, tuned on SmolLM2 layers' held-out loss
+DEFAULT_RIDGE = {False: 0.5, True: 0.1}
 
 
 def _check_options(
-    init: str,
+    init: str | None,
     steps: int,
     block_size: int,
     block_pruned: int | None,
@@ -306,11 +421,12 @@ def _check_options(
     restarts: int,
     tabu_steps: int,
     frozen_fraction: float,
-    ridge: float,
+    ridge: float | None,
     beta_range: tuple[float, float],
     time_budget: float | None,
     update: bool,
-    dampening_frac: float,
+    refit_iterations: int,
+    refit_every: int,
 ) -> None:
     def positive_int(name: str, value: object, low: int = 1) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -318,17 +434,18 @@ def _check_options(
 
     if not isinstance(update, bool):
         raise ConfigError(f"icbs option update must be true or false, got {update!r}.")
-    if update:
-        check_dampening(dampening_frac)
     if init == "icbs":
         raise ConfigError(
-            "icbs cannot start from its own mask: set init to a one-shot method such as 'wanda'."
+            "icbs cannot start from its own mask: set init to a one-shot method such as 'sparsegpt' or "
+            "'wanda'."
         )
     positive_int("steps", steps, 0)
     positive_int("block_size", block_size, 2)
     positive_int("sweeps", sweeps)
     positive_int("restarts", restarts)
     positive_int("tabu_steps", tabu_steps, 0)
+    positive_int("refit_iterations", refit_iterations, 0)
+    positive_int("refit_every", refit_every, 0)
     if block_pruned is not None:
         positive_int("block_pruned", block_pruned)
         if block_pruned >= block_size:
@@ -342,8 +459,13 @@ def _check_options(
         or not (0.0 <= frozen_fraction < 1.0)
     ):
         raise ConfigError(f"icbs option frozen_fraction must be in [0, 1), got {frozen_fraction!r}.")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
-        raise ConfigError(f"icbs option ridge must be a finite number >= 0 (default 0.5), got {ridge!r}.")
+    if ridge is not None and (
+        isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf
+    ):
+        raise ConfigError(
+            f"icbs option ridge must be a finite number >= 0 (default {DEFAULT_RIDGE[True]} with update, "
+            f"{DEFAULT_RIDGE[False]} without), got {ridge!r}."
+        )
     if (
         not isinstance(beta_range, (tuple, list))
         or len(beta_range) != 2
@@ -365,7 +487,7 @@ def _check_options(
 def icbs(
     problem: LayerProblem,
     *,
-    init: str = "wanda",
+    init: str | None = None,
     steps: int = 20,
     block_size: int = 32,
     block_pruned: int | None = None,
@@ -373,26 +495,31 @@ def icbs(
     restarts: int = 1,
     tabu_steps: int = 2,
     frozen_fraction: float = 0.0,
-    ridge: float = 0.5,
+    ridge: float | None = None,
     beta_range: tuple[float, float] = (3.0, 300.0),
     seed: int = 0,
     time_budget: float | None = None,
-    update: bool = False,
-    dampening_frac: float = 0.01,
+    update: bool = True,
+    refit_iterations: int = 5,
+    refit_every: int = 5,
 ) -> SolverResult:
     """iCBS: refine a one-shot mask by block coordinate descent on the layer loss (annealed QUBOs).
 
-    ``init`` names the solver of the starting mask (its weight update, if any, is ignored). Each of
-    ``steps`` steps re-solves, in every row, a block of ``block_size`` weights of which
+    ``update=True`` (default): mask and kept weights move together under the loss of the
+    reconstructed weights, starting from ``init``'s mask and weights (default ``sparsegpt``); the
+    kept weights are re-fitted by CG least squares (``refit_iterations`` every ``refit_every`` steps).
+    ``update=False``: the paper's mask-only descent with weights left at their original values,
+    starting from ``init``'s mask (default ``wanda``; its weight update, if any, is ignored).
+
+    Each of ``steps`` steps re-solves, in every row, a block of ``block_size`` weights of which
     ``block_pruned`` (default a quarter) are pruned, by ``sweeps`` x ``block_size`` annealing moves
     in each of ``restarts`` chains, ``beta_range`` being the inverse temperatures (in units of the
     row's spread of flip costs). Weights picked in the last ``tabu_steps`` steps sit out, and a
     ``frozen_fraction`` of surely pruned / surely kept weights never enters a block. ``ridge`` (the
-    paper's λ, in units of mean(diag H)) adds ``ridge * mean(diag H) * w^2`` to the cost of pruning
-    w: it keeps the mask from fitting noise in the calibration Hessian (0 = the bare loss). ``time_budget``
-    caps the seconds spent on steps per layer (results then depend on machine speed). Sparsity per
-    row (per N:M group) is the init mask's, exactly. ``update=True`` finally reconstructs the kept
-    weights with SparseGPT's fixed-mask sweep (``dampening_frac`` as in sparsegpt).
+    paper's λ, in units of mean(diag H); default 0.1 with update, 0.5 without) adds
+    ``ridge * mean(diag H) * |w - ŵ|^2`` to the loss: it keeps the search from fitting noise in the
+    calibration Hessian. ``time_budget`` caps the seconds spent on steps per layer (results then
+    depend on machine speed). Sparsity per row (per N:M group) is the init mask's, exactly.
     """
     _check_options(
         init,
@@ -407,8 +534,11 @@ def icbs(
         beta_range,
         time_budget,
         update,
-        dampening_frac,
+        refit_iterations,
+        refit_every,
     )
+    init = init or ("sparsegpt" if update else "wanda")
+    ridge = DEFAULT_RIDGE[update] if ridge is None else float(ridge)
     weight, spec = problem.weight, problem.spec
     out, width = weight.shape
     if spec.is_dense:
@@ -431,22 +561,27 @@ def icbs(
     if missing:
         raise ConfigError(
             f"icbs init={init!r} needs statistics icbs does not collect ({', '.join(sorted(missing))}): "
-            "choose another init, e.g. 'wanda'."
+            "choose another init, e.g. 'sparsegpt' or 'wanda'."
         )
-    keep = starter(problem).keep.to(torch.bool)
+    first = starter(problem)
+    keep = first.keep.to(torch.bool)
     if keep.shape != weight.shape:
         raise DataError(
             f"init solver {init!r} returned a mask of shape {tuple(keep.shape)}, not {(out, width)}."
         )
     if bool(keep.all()) or not bool(keep.any()):
-        return SolverResult(keep=keep)  # nothing to swap
+        return SolverResult(keep=keep, weight=first.weight if update else None)  # nothing to swap
+    start_weight = None
+    if update:
+        start_weight = weight if first.weight is None else first.weight
     generator = torch.Generator(device=weight.device).manual_seed(seed)
     history: list[float] = []
     started = time.perf_counter()
-    keep = refine_mask(
+    keep, new_weight = refine(
         weight,
         hessian,
         keep,
+        new_weight=start_weight,
         group_size=spec.pattern.m if spec.pattern else None,
         steps=steps,
         block_size=block_size,
@@ -455,8 +590,10 @@ def icbs(
         restarts=restarts,
         tabu_steps=tabu_steps,
         frozen_fraction=frozen_fraction,
-        ridge=float(ridge),
+        ridge=ridge,
         beta_range=tuple(beta_range),
+        refit_iterations=refit_iterations,
+        refit_every=refit_every,
         time_budget=time_budget,
         generator=generator,
         history=history,
@@ -470,12 +607,5 @@ def icbs(
         init,
         len(history) - 1,
         time.perf_counter() - started,
-    )
-    if not update:
-        return SolverResult(keep=keep)
-    from llmprune.solvers.sparsegpt import reconstruct_with_mask  # lazy: only this option needs it
-
-    new_weight = reconstruct_with_mask(
-        weight, hessian, keep, dampening_frac=dampening_frac, name=problem.name
     )
     return SolverResult(keep=keep, weight=new_weight)
