@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_llama
 from huggingface_hub import constants
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmprune.cli import push as push_cli
 from llmprune.errors import ConfigError
@@ -123,22 +123,9 @@ def hub(monkeypatch):
     server.server_close()
 
 
-def _tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    model = _tiny_model()
+    model = tiny_llama()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".layers." in name and p.ndim == 2:
@@ -193,13 +180,13 @@ def test_cli_push_uses_hf_endpoint(hub, saved, monkeypatch, capsys):
 
 def test_save_pruned_can_push_in_the_same_call(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    model = _tiny_model()
+    model = tiny_llama()
     out = save_pruned(model, None, tmp_path / "m", push_to_hub=True, hub_model_id="me/m", token="hf_x")
     assert set(hub.commits[0]["files"]) == set(_visible_files(out))
 
 
 def test_push_needs_a_repo_id_before_writing_anything(tmp_path):
-    model = _tiny_model()
+    model = tiny_llama()
     with pytest.raises(ConfigError, match="hub_model_id"):
         save_pruned(model, None, tmp_path / "m", push_to_hub=True)
     assert not (tmp_path / "m").exists()

@@ -8,7 +8,8 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from llmprune.cli import inspect as inspect_cli
 from llmprune.errors import ConfigError, ModelLoadError
@@ -51,19 +52,6 @@ def test_weight_stats_agree_with_brute_force(seed):
     ]
     assert stats["nm_patterns"] == expected
     assert stats["zeros"] == sum(1 for v in w.flatten().tolist() if v == 0)
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @torch.no_grad()

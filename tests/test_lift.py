@@ -4,73 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers.pytorch_utils import Conv1D
+from helpers import chain_windows, lm_loss, magnitude_prune
+from helpers import tiny_gpt2 as gpt2
+from helpers import tiny_llama as llama
 
 from llmprune.errors import ConfigError
 from llmprune.recovery import recover
 from llmprune.recovery.lift import LiftOptions, LiftSession, SparseAdamW, principal_indices
 from llmprune.recovery.masking import resolve_targets, weight_2d
 from llmprune.recovery.train import TrainSettings
-
-V = 128
-
-
-def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=V,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def magnitude_prune(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Zero the 50 % smallest |w| of each Linear in the decoder layers; return keep masks (out, in)."""
-    prefix, layers = (
-        ("model.layers", model.model.layers)
-        if hasattr(model, "model")
-        else ("transformer.h", model.transformer.h)
-    )
-    keep = {}
-    with torch.no_grad():
-        for lname, layer in layers.named_children():
-            for name, m in layer.named_modules():
-                if isinstance(m, (nn.Linear, Conv1D)):
-                    thr = m.weight.abs().flatten().kthvalue(m.weight.numel() // 2).values
-                    m.weight.masked_fill_(m.weight.abs() <= thr, 0.0)
-                    k = m.weight != 0
-                    keep[f"{prefix}.{lname}.{name}"] = k.t() if isinstance(m, Conv1D) else k
-    return keep
-
-
-def chain_windows(n: int = 8, length: int = 24) -> torch.Tensor:
-    """Learnable windows: each next token is a fixed permutation of the current one."""
-    gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(V, generator=gen)
-    ids = torch.empty(n, length, dtype=torch.long)
-    ids[:, 0] = torch.randint(V, (n,), generator=gen)
-    for t in range(1, length):
-        ids[:, t] = perm[ids[:, t - 1]]
-    return ids
-
-
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(model(input_ids=ids, labels=ids).loss)
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,12 @@ import sys
 import pytest
 import torch
 from conftest import make_model
+from helpers import VOCAB as V
+from helpers import chain_windows, lm_loss, magnitude_prune
+from helpers import tiny_gpt2 as gpt2
+from helpers import tiny_llama as llama
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from llmprune.errors import ConfigError
@@ -18,7 +22,7 @@ from llmprune.recovery.masking import block_linears, keep_masks_from_zeros, reso
 from llmprune.recovery.perp import PerpOptions, PerpSession
 from llmprune.recovery.train import TrainSettings, lr_factor
 
-V, D, R = 128, 32, 16
+D, R = 32, 16
 
 
 @pytest.fixture(autouse=True)
@@ -30,62 +34,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def llama(tied: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=V,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_embd=D, n_layer=2, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(cfg).eval()
-
-
 MODELS = {"llama": llama, "gpt2": gpt2}
-
-
-def magnitude_prune(model: nn.Module, sparsity: float = 0.5) -> dict[str, torch.Tensor]:
-    """Zero the smallest |w| of each Linear inside the decoder layers (test-local, not the engine)."""
-    layers = model.model.layers if hasattr(model, "model") else model.transformer.h
-    keep = {}
-    with torch.no_grad():
-        for lname, layer in layers.named_children():
-            for name, m in layer.named_modules():
-                if isinstance(m, (nn.Linear, Conv1D)):
-                    w = m.weight
-                    k = int(sparsity * w.numel())
-                    thr = w.abs().flatten().kthvalue(k).values
-                    m.weight.masked_fill_(w.abs() <= thr, 0.0)
-                    full = f"{'model.layers' if hasattr(model, 'model') else 'transformer.h'}.{lname}.{name}"
-                    keep[full] = (m.weight != 0).t() if isinstance(m, Conv1D) else m.weight != 0
-    return keep
-
-
-def chain_windows(n: int = 8, length: int = 24, seed: int = 0) -> torch.Tensor:
-    """Learnable windows: each next token is a fixed permutation of the current one."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(V, generator=gen)
-    ids = torch.empty(n, length, dtype=torch.long)
-    ids[:, 0] = torch.randint(V, (n,), generator=gen)
-    for t in range(1, length):
-        ids[:, t] = perm[ids[:, t - 1]]
-    return ids
-
-
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(model(input_ids=ids, labels=ids).loss)
 
 
 def assert_sparsity_kept(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
