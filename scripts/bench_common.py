@@ -68,16 +68,12 @@ def window_perplexity(model, ev: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
-def run_one(
-    model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any], threads: int
-) -> dict:
-    """Load, prune with the fixed calibration tokens, score: one JSON-ready record."""
+def prune_fixed(model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any]):
+    """Load and prune with the fixed calibration tokens. -> (model, PruneResult, prune seconds)."""
     import llmprune
 
-    torch.set_num_threads(threads)
-    calib, ev = load_data(data)
+    calib, _ = load_data(data)
     model, tok = llmprune.load_model(model_name)
-    rec: dict[str, Any] = {"method": method, "sparsity": sparsity, "options": options, "threads": threads}
     start = time.perf_counter()
     result = llmprune.prune(
         model,
@@ -90,10 +86,19 @@ def run_one(
         progress=False,
         **options,
     )
-    rec["prune_s"] = time.perf_counter() - start
+    return model, result, time.perf_counter() - start
+
+
+def run_one(
+    model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any], threads: int
+) -> dict:
+    """Load, prune with the fixed calibration tokens, score: one JSON-ready record."""
+    torch.set_num_threads(threads)
+    rec: dict[str, Any] = {"method": method, "sparsity": sparsity, "options": options, "threads": threads}
+    model, result, rec["prune_s"] = prune_fixed(model_name, data, method, sparsity, options)
     rec["rss_peak_after_prune_mib"] = peak_rss_mib()
     rec["achieved_sparsity"] = result.overall_sparsity
-    rec["ppl"] = window_perplexity(model, ev)
+    rec["ppl"] = window_perplexity(model, load_data(data)[1])
     rec["block_recon_error_mean"] = sum(b.recon_error for b in result.blocks) / max(1, len(result.blocks))
     return rec
 
