@@ -11,20 +11,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from llmprune.calibration.data import calibration_tokens, tokens_hash
-from llmprune.calibration.engine import EngineConfig, prune_blocks
+from llmprune.calibration.data import tokens_hash
+from llmprune.calibration.distributed import current_comm
+from llmprune.calibration.engine import prune_blocks
+from llmprune.calibration.resume import discard_progress
+from llmprune.calibration.settings import calibration_ids, engine_config, is_model_path
 from llmprune.calibration.weights_only import prune_weights_only
-from llmprune.errors import ConfigError
 from llmprune.io.models import load_model, resolve_device
-from llmprune.registry import get_solver
 from llmprune.result import PruneResult
-from llmprune.spec import ModuleSelection
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ def prune(
     device: str | None = "auto",
     dtype: str | None = "float32",
     output_dir: str | None = None,
+    streaming: bool = False,
+    max_memory: int | str | None = None,
+    offload_dir: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
     progress: bool = True,
     **solver_args: Any,
 ) -> PruneResult:
@@ -57,44 +63,79 @@ def prune(
     every 4). ``dataset`` is any calibration source (see ``llmprune.calibration.data``); ``None`` uses
     the built-in public-domain text. Extra keyword arguments go to the solver (e.g. ``block_size=128``).
     With ``output_dir`` the pruned checkpoint is written there (atomically).
+
+    For models larger than memory:
+
+    * ``streaming=True`` never loads the model whole: ``model`` is a folder or Hub id of safetensors
+      weights, each decoder block is read, pruned and written to ``output_dir`` (required) in turn;
+    * ``max_memory`` (``"8GB"``, ``"512MiB"``, bytes) caps the calibration activations kept in memory;
+      above it they go to ``offload_dir`` (default: a temporary folder);
+    * ``checkpoint_dir`` records progress after every block and ``resume=True`` continues a killed run
+      from it, bit-identically (default folder: beside ``output_dir``). Progress is removed once
+      ``output_dir`` is written; without ``output_dir`` it stays until you have saved the model
+      (``llmprune.calibration.resume.discard_progress`` removes it).
+
+    Under ``torchrun`` the processes share the calibration and the solves (same result as one process);
+    rank 0 reads the calibration data and writes ``output_dir``.
+
+    >>> llmprune.prune("./llama-70b", method="sparsegpt", sparsity="2:4", streaming=True,
+    ...                output_dir="./llama-70b-2of4", max_memory="16GB", resume=True)  # doctest: +SKIP
     """
-    solver = get_solver(method)  # validates the name before any work
-    solver.check_options(solver_args)
-    selection = ModuleSelection.build(sparsity, targets, ignore, overrides)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+    cfg = engine_config(
+        model,
+        method=method,
+        sparsity=sparsity,
+        targets=targets,
+        ignore=ignore,
+        overrides=overrides,
+        true_sequential=true_sequential,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        dataset=dataset,
+        output_dir=output_dir,
+        streaming=streaming,
+        max_memory=max_memory,
+        offload_dir=offload_dir,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        options=solver_args,
+    )
+    if streaming:
+        from llmprune.calibration.streaming import stream_blocks
+
+        return stream_blocks(
+            model,
+            tokenizer,
+            cfg,
+            output_dir=output_dir,
+            dataset=dataset,
+            num_calibration_samples=num_calibration_samples,
+            max_seq_length=max_seq_length,
+            device=device,
+            dtype=dtype,
+        )
+    if is_model_path(model):
         model, tokenizer = load_model(str(model), dtype=dtype, device=device)
-    compute = resolve_device(device) if device not in (None, "auto") else next(model.parameters()).device
+    cfg.device = resolve_device(device) if device not in (None, "auto") else next(model.parameters()).device
+    comm = current_comm()
     torch.manual_seed(seed)
     start = time.perf_counter()
-    data_free = not solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
+    selection = cfg.selection
+    data_free = not cfg.solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
     result = PruneResult(method=method, sparsity=str(selection.default), options=dict(solver_args), seed=seed)
-    if not data_free:
-        max_len = getattr(model.config, "max_position_embeddings", None)
-        if max_len and max_seq_length > max_len:
-            raise ConfigError(
-                f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
-            )
-        input_ids = calibration_tokens(
-            dataset, tokenizer, num_calibration_samples, max_seq_length, seed, model=model
+    if data_free:
+        if cfg.checkpoint_dir is not None:
+            log.info("%s reads only the weights and takes seconds: no progress is recorded", method)
+        prune_weights_only(model, cfg, result)
+    else:
+        input_ids = calibration_ids(
+            model, dataset, tokenizer, num_calibration_samples, max_seq_length, seed, comm
         )
         result.calibration_hash = tokens_hash(input_ids)
         result.num_calibration_samples, result.max_seq_length = map(int, input_ids.shape)
-    cfg = EngineConfig(
-        solver=solver,
-        selection=selection,
-        options=dict(solver_args),
-        true_sequential=true_sequential,
-        batch_size=batch_size,
-        device=compute,
-        progress=progress,
-        seed=seed,
-    )
-    if data_free:
-        prune_weights_only(model, cfg, result)
-    elif not selection.default.is_dense or selection.overrides:
-        prune_blocks(model, input_ids, cfg, result)
+        if not selection.default.is_dense or selection.overrides:
+            prune_blocks(model, input_ids, cfg, result)
     result.seconds = time.perf_counter() - start
     log.info(
         "%s %s: %.2f%% of %d block Linears pruned in %.1fs",
@@ -107,5 +148,11 @@ def prune(
     if output_dir is not None:
         from llmprune.io.save import save_pruned
 
-        save_pruned(model, tokenizer, output_dir, result=result)
+        if comm.is_main:
+            save_pruned(model, tokenizer, output_dir, result=result)
+        discard_progress(cfg.checkpoint_dir, comm)
+    elif cfg.checkpoint_dir is not None and comm.is_main:
+        log.debug(
+            "progress kept in %s until the model is saved (discard_progress removes it)", cfg.checkpoint_dir
+        )
     return result

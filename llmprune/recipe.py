@@ -7,7 +7,7 @@ is saved with every output, and loading it back gives the same run.
 .. code-block:: yaml
 
     version: 1
-    model: {name: smollm2-135m}
+    model: {name: smollm2-135m}    # streaming: true reads a larger-than-memory model block by block
     calibration: {dataset: null, num_calibration_samples: 128, max_seq_length: 2048, seed: 0}
     prune:
       method: sparsegpt
@@ -147,12 +147,14 @@ class ModelSection:
     name: str = "smollm2-135m"  # Hub id, local folder, .gguf file or the embedded default
     dtype: str = "float32"
     device: str = "auto"
+    streaming: bool = False  # never load the model whole: read, prune and write one block at a time
 
     def __post_init__(self) -> None:
         _str("model.name", self.name, optional=False)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise _fail("model.dtype", f"use float32, bfloat16 or float16, got {self.dtype!r}.")
         _str("model.device", self.device, optional=False)
+        _bool("model.streaming", self.streaming)
 
 
 @dataclass
@@ -161,12 +163,28 @@ class CalibrationSection:
     num_calibration_samples: int = 128
     max_seq_length: int = 2048
     seed: int = 0
+    max_memory: int | str | None = None  # activations kept in memory ("8GB", "512MiB", bytes); None = all
+    offload_dir: str | None = None  # where activations above max_memory go (None = a temporary folder)
 
     def __post_init__(self) -> None:
+        from llmprune.calibration.engine import parse_bytes
+
         _str("calibration.dataset", self.dataset)
         _int("calibration.num_calibration_samples", self.num_calibration_samples, 1)
         _int("calibration.max_seq_length", self.max_seq_length, 2)
         _int("calibration.seed", self.seed, 0)
+        if self.max_memory is not None:
+            try:
+                parse_bytes(self.max_memory)
+            except ConfigError as exc:
+                raise _fail("calibration.max_memory", str(exc)) from None
+        elif self.offload_dir is not None:
+            raise _fail(
+                "calibration.offload_dir",
+                "activations go there only above max_memory, which is not set: set calibration.max_memory "
+                "too (0 keeps them all on disk), or drop offload_dir.",
+            )
+        _str("calibration.offload_dir", self.offload_dir)
 
 
 @dataclass
@@ -458,6 +476,9 @@ class Recipe:
             "batch_size": p.batch_size,
             "device": m.device,
             "dtype": m.dtype,
+            "streaming": m.streaming,
+            "max_memory": c.max_memory,
+            "offload_dir": c.offload_dir,
         }
         if with_output_dir:
             kwargs["output_dir"] = self.output_dir
@@ -532,10 +553,13 @@ FLAG_KEYS: dict[str, str] = {
     "model": "model.name",
     "dtype": "model.dtype",
     "device": "model.device",
+    "streaming": "model.streaming",
     "dataset": "calibration.dataset",
     "num_calibration_samples": "calibration.num_calibration_samples",
     "max_seq_length": "calibration.max_seq_length",
     "seed": "calibration.seed",
+    "max_memory": "calibration.max_memory",
+    "offload_dir": "calibration.offload_dir",
     "method": "prune.method",
     "sparsity": "prune.sparsity",
     "targets": "prune.targets",

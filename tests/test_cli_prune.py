@@ -118,3 +118,81 @@ def test_tiny_model_weights_really_pruned(tiny_checkpoint, tmp_path):
     assert main(_args(folder, text, "--skip_eval", "--output_dir", str(out))) == 0
     w = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.down_proj.weight
     assert int((w == 0).sum()) == w.numel() // 2 and not torch.signbit(w[w == 0]).any()
+
+
+# ---------------------------------------------------------------- large models
+
+
+def _weights_and_masks(folder):
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.io.save import load_keep_masks
+
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict(), load_keep_masks(folder)
+
+
+def _assert_same_checkpoint(a, b) -> None:
+    (state_a, masks_a), (state_b, masks_b) = _weights_and_masks(a), _weights_and_masks(b)
+    assert state_a.keys() == state_b.keys() and masks_a.keys() == masks_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+
+
+def test_streaming_writes_the_model_pruning_in_memory_writes(tiny_checkpoint, tmp_path, capsys):
+    folder, text = tiny_checkpoint
+    streamed, in_memory = tmp_path / "streamed", tmp_path / "in-memory"
+    flags = ["--sparsity", "2:4", "--max_memory", "1KiB", "--offload_dir", str(tmp_path / "acts")]
+    assert main(_args(folder, text, *flags, "--streaming", "--output_dir", str(streamed))) == 0
+    table = capsys.readouterr().out
+    assert "50.00%" in table and f"saved to {streamed}" in table and "perplexity" not in table
+    assert main(_args(folder, text, *flags, "--skip_eval", "--output_dir", str(in_memory))) == 0
+    _assert_same_checkpoint(streamed, in_memory)
+    recipe = (streamed / "recipe.yaml").read_text()
+    assert "streaming: true" in recipe and "max_memory: 1KiB" in recipe  # it reproduces the run
+    assert json.loads((streamed / "run_info.json").read_text())["streaming"] is True
+
+
+def test_killed_run_continues_with_resume(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from llmprune.calibration import resume
+
+    folder, text = tiny_checkpoint
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    assert main(_args(folder, text, "--skip_eval", "--output_dir", str(plain))) == 0
+    real = resume.Progress.save_block
+
+    def crash_after_block_0(self, index, *args, **kwargs):
+        real(self, index, *args, **kwargs)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(resume.Progress, "save_block", crash_after_block_0)
+        with pytest.raises(KeyboardInterrupt):
+            main(_args(folder, text, "--skip_eval", "--output_dir", str(out), "--resume"))
+    progress = resume.default_checkpoint_dir(out)
+    assert (progress / "state.json").is_file()
+    capsys.readouterr()
+    assert (
+        main(_args(folder, text, "--skip_eval", "--output_dir", str(out), "--checkpoint_dir", str(progress)))
+        == 2
+    )
+    assert "--resume" in capsys.readouterr().err
+    assert main(_args(folder, text, "--skip_eval", "--output_dir", str(out), "--resume")) == 0
+    assert not progress.exists(), "progress is removed once the run is saved"
+    _assert_same_checkpoint(out, plain)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--streaming"], "needs output_dir"),
+        (["--streaming", "--output_dir", "o", "--recover", "perp"], "llmprune recover --model OUT"),
+        (["--max_memory", "lots"], "cannot read memory size 'lots'"),
+        (["--offload_dir", "acts"], "set calibration.max_memory too"),
+        (["--resume"], "needs checkpoint_dir"),
+    ],
+)
+def test_impossible_large_model_flags_exit_2_with_the_fix(tiny_checkpoint, capsys, flags, message):
+    folder, text = tiny_checkpoint
+    assert main(_args(folder, text, "--skip_eval", *flags)) == 2
+    assert message in capsys.readouterr().err

@@ -108,17 +108,22 @@ _UNITS = {
     "kib": 2**10,
     "mib": 2**20,
     "gib": 2**30,
+    "tib": 2**40,
 }
+_SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def parse_bytes(value: int | float | str) -> int:
-    """``4GB``, ``512MiB``, ``2e9`` or an int → bytes."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read memory size {value!r}: write e.g. 4GB, 512MiB or a number of bytes.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """``4GB``, ``512MiB``, ``2e9`` or an int → bytes (``0``: every activation goes to disk)."""
+    size = value
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m and m.group(2).lower() in _UNITS:
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < float("inf"):
+        raise ConfigError(
+            f"cannot read memory size {value!r}: write e.g. 4GB, 512MiB, 2GiB or a number of bytes."
+        )
+    return int(size)
 
 
 def _selected(block: nn.Module, prefix: str, selection: ModuleSelection) -> dict[str, nn.Module]:

@@ -383,15 +383,20 @@ class Progress:
 
 
 def discard_progress(folder: str | os.PathLike | None, comm: Comm | None = None) -> None:
-    """Remove a run's checkpoint folder once its result is saved (rank 0 only; a no-op for None)."""
+    """Remove a run's checkpoint folder once its result is saved (rank 0 only; a no-op for None).
+
+    Only a folder holding recorded progress (``state.json``) is removed: a run that recorded none, e.g.
+    magnitude pruning, leaves whatever the path holds alone.
+    """
     if folder is None:
         return
     from llmprune.calibration.distributed import current_comm
 
     comm = comm or current_comm()
     comm.barrier()
-    if comm.is_main:
-        shutil.rmtree(Path(folder).expanduser(), ignore_errors=True)
+    path = Path(folder).expanduser()
+    if comm.is_main and (path / "state.json").is_file():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_fingerprint(folder: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:

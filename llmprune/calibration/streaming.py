@@ -14,8 +14,8 @@ The output is an ordinary sharded checkpoint (one shard per block plus one for t
 Block shards are written into the progress folder as blocks finish and hard-linked into the output at
 the end, so ``resume=True`` continues a killed run without redoing finished blocks.
 
->>> prune_streaming("./llama-70b", output_dir="./llama-70b-2of4", method="wanda", sparsity="2:4",
-...                 max_memory="16GB", resume=True)                       # doctest: +SKIP
+>>> llmprune.prune("./llama-70b", streaming=True, output_dir="./llama-70b-2of4", method="wanda",
+...                sparsity="2:4", max_memory="16GB", resume=True)        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -36,18 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmprune.calibration.data import calibration_tokens, tokens_hash
+from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import BlockSource, EngineConfig, prune_blocks
 from llmprune.calibration.modules import WeightView, find_blocks
-from llmprune.calibration.resume import (
-    Progress,
-    resolve_checkpoint_dir,
-    run_fingerprint,
-    save_tensors,
-    write_safetensors,
-)
-from llmprune.errors import ConfigError, DataError, ModelLoadError
+from llmprune.calibration.resume import Progress, run_fingerprint, save_tensors, write_safetensors
+from llmprune.calibration.settings import calibration_ids, engine_config
+from llmprune.errors import ModelLoadError
 from llmprune.result import PruneResult
 
 log = logging.getLogger(__name__)
@@ -499,24 +494,65 @@ def prune_streaming(
 ) -> PruneResult:
     """Prune the checkpoint folder ``model`` block by block from disk and write it to ``output_dir``.
 
-    The same keywords as ``llmprune.prune``, plus ``max_memory`` (activation budget, e.g. ``"8GB"``),
-    ``offload_dir`` (where spilled activations go), ``checkpoint_dir`` and ``resume`` (continue a killed
-    run; progress defaults to ``.<output_dir name>.llmprune-progress`` beside ``output_dir``).
+    ``llmprune.prune(model, streaming=True, ...)`` with the same keywords, plus the provenance to save
+    (``recipe``, ``run_info``: the CLI records its resolved recipe and command) and ``trust_remote_code``.
+    Progress for ``resume`` defaults to ``.<output_dir name>.llmprune-progress`` beside ``output_dir``.
     """
+    cfg = engine_config(
+        model,
+        method=method,
+        sparsity=sparsity,
+        targets=targets,
+        ignore=ignore,
+        overrides=overrides,
+        true_sequential=true_sequential,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        dataset=dataset,
+        output_dir=output_dir,
+        streaming=True,
+        max_memory=max_memory,
+        offload_dir=offload_dir,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        options=solver_args,
+    )
+    return stream_blocks(
+        model,
+        tokenizer,
+        cfg,
+        output_dir=output_dir,
+        dataset=dataset,
+        num_calibration_samples=num_calibration_samples,
+        max_seq_length=max_seq_length,
+        device=device,
+        dtype=dtype,
+        recipe=recipe,
+        run_info=run_info,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def stream_blocks(
+    model: str | os.PathLike,
+    tokenizer,
+    cfg: EngineConfig,
+    *,
+    output_dir: str | os.PathLike,
+    dataset: Any,
+    num_calibration_samples: int,
+    max_seq_length: int,
+    device: str | None,
+    dtype: str | None,
+    recipe: dict | None = None,
+    run_info: dict | None = None,
+    trust_remote_code: bool = False,
+) -> PruneResult:
+    """``prune_streaming`` once its keywords are checked (``settings.engine_config`` made ``cfg``)."""
     from llmprune.io.models import resolve_device, resolve_dtype
     from llmprune.io.save import check_output_dir
-    from llmprune.registry import get_solver
-    from llmprune.spec import ModuleSelection
 
-    solver = get_solver(method)
-    solver.check_options(solver_args)
-    selection = ModuleSelection.build(sparsity, targets, ignore, overrides)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-    if isinstance(dataset, str) and dataset == "self":
-        raise DataError(
-            "dataset='self' samples text from the whole model, which streaming never holds: give text."
-        )
     folder = resolve_folder(model)
     compute = resolve_device(device)
     skeleton, reader, names = build_skeleton(folder, resolve_dtype(dtype, compute), trust_remote_code)
@@ -527,48 +563,31 @@ def prune_streaming(
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as exc:  # token-id datasets need no tokenizer
             log.info("no tokenizer in %s (%s)", folder, exc)
-    max_len = getattr(skeleton.config, "max_position_embeddings", None)
-    if max_len and max_seq_length > max_len:
-        raise ConfigError(
-            f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
-        )
     out = Path(output_dir).expanduser()
     comm = current_comm()
     if comm.is_main:
         check_output_dir(out, skeleton)
     source = StreamingBlocks(skeleton, reader, names)
 
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    input_ids = calibration_tokens(dataset, tokenizer, num_calibration_samples, max_seq_length, seed)
+    input_ids = calibration_ids(
+        skeleton, dataset, tokenizer, num_calibration_samples, max_seq_length, cfg.seed, comm
+    )
     result = PruneResult(
-        method=method,
-        sparsity=str(selection.default),
-        options=dict(solver_args),
+        method=cfg.solver.name,
+        sparsity=str(cfg.selection.default),
+        options=dict(cfg.options),
         calibration_hash=tokens_hash(input_ids),
         num_calibration_samples=int(input_ids.shape[0]),
         max_seq_length=int(input_ids.shape[1]),
-        seed=seed,
+        seed=cfg.seed,
     )
-    cfg = EngineConfig(
-        solver=solver,
-        selection=selection,
-        options=dict(solver_args),
-        true_sequential=true_sequential,
-        batch_size=batch_size,
-        device=compute,
-        progress=progress,
-        seed=seed,
-        comm=comm,
-        max_memory=max_memory,
-        offload_dir=offload_dir,
-    )
-    ckpt_dir = resolve_checkpoint_dir(checkpoint_dir, out, resume)
+    cfg.device, cfg.comm = compute, comm
+    ckpt_dir = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir)
     work = ckpt_dir or out.parent / f".{out.name}.llmprune-work-{uuid.uuid4().hex[:8]}"
-    fingerprint = run_fingerprint(
-        cfg, skeleton, comm.broadcast_tokens(input_ids), len(source.blocks), compute
-    )
-    prog = Progress.open(work, comm, fingerprint, resume=resume, resumable=ckpt_dir is not None)
+    fingerprint = run_fingerprint(cfg, skeleton, input_ids, len(source.blocks), compute)
+    prog = Progress.open(work, comm, fingerprint, resume=cfg.resume, resumable=ckpt_dir is not None)
     try:
         prune_blocks(skeleton, input_ids, cfg, result, source=source, progress=prog)
         result.seconds = time.perf_counter() - start
@@ -581,12 +600,13 @@ def prune_streaming(
         if ckpt_dir is None and comm.is_main:  # nothing to resume from: do not leave half a model behind
             shutil.rmtree(work, ignore_errors=True)
         raise
-    log.info(
-        "%s %s: %.2f%% pruned in %.1fs, written to %s",
-        method,
-        result.sparsity,
-        100 * result.overall_sparsity,
-        result.seconds,
-        out,
-    )
+    if comm.is_main:
+        log.info(
+            "%s %s: %.2f%% pruned in %.1fs, written to %s",
+            result.method,
+            result.sparsity,
+            100 * result.overall_sparsity,
+            result.seconds,
+            out,
+        )
     return result

@@ -38,3 +38,24 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_seq_length", type=int, help="tokens per window (default 2048)")
     g.add_argument("--seed", type=int, help="sampling seed (default 0)")
     g.add_argument("--batch_size", type=int, help="windows per forward (default 8)")
+
+
+def add_scale_flags(p: argparse.ArgumentParser) -> None:
+    """Models larger than memory and long runs: none of these changes the pruned weights."""
+    g = p.add_argument_group("large models")
+    g.add_argument(
+        "--streaming",
+        action="store_true",
+        default=None,
+        help="read, prune and write one block at a time from the safetensors shards (needs --output_dir)",
+    )
+    g.add_argument(
+        "--max_memory", help="calibration activations kept in memory (8GB, 512MiB); the rest on disk"
+    )
+    g.add_argument("--offload_dir", help="where activations above --max_memory go (default: a temp folder)")
+    g.add_argument("--checkpoint_dir", help="record progress after every block here (for --resume)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run recorded in --checkpoint_dir (default: beside --output_dir)",
+    )

@@ -2,6 +2,11 @@
 
 Settings come from flags over ``--recipe`` over defaults (``llmprune.recipe``); the resolved recipe
 is saved with the checkpoint, so ``llmprune prune --recipe OUT/recipe.yaml`` reproduces the run.
+
+With ``--streaming`` the model is never loaded whole: blocks are read, pruned and written to
+``--output_dir`` one at a time, so nothing is measured on it here (``llmprune eval`` does that after).
+Under ``torchrun`` every process calibrates its share; rank 0 alone reads the data, evaluates,
+recovers, saves and prints. ``--resume`` continues a killed run; its progress is removed at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags
+from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags, add_scale_flags
 from llmprune.io.models import EMBEDDED_LICENSES
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     add_pruning_flags(p)
     add_calibration_flags(p)
+    add_scale_flags(p)
     g = p.add_argument_group("recovery")
     g.add_argument("--recover", choices=["perp", "lift"], help="retrain a tiny subset after pruning")
     g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
@@ -68,16 +74,26 @@ def _scores(model, tok, recipe, skip_eval: bool) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     import llmprune
+    from llmprune.calibration.distributed import Comm, current_comm
+    from llmprune.calibration.resume import discard_progress, resolve_checkpoint_dir
     from llmprune.recipe import resolve_recipe
 
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     recipe = resolve_recipe(args, command="prune")  # a bad recipe or flag fails before loading anything
+    if recipe.model.streaming:
+        return _run_streaming(args, recipe)
+    checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, recipe.output_dir, args.resume)
+    comm = current_comm()  # before loading: under torchrun this picks each rank's GPU
     model, tok = llmprune.load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
-    dense = _scores(model, tok, recipe, args.skip_eval)
+    dense = _scores(model, tok, recipe, args.skip_eval) if comm.is_main else {}
     t0 = time.perf_counter()
-    result = llmprune.prune(model, tok, **recipe.prune_kwargs())
+    result = llmprune.prune(
+        model, tok, **recipe.prune_kwargs(), checkpoint_dir=checkpoint_dir, resume=args.resume
+    )
     prune_seconds = time.perf_counter() - t0
+    if not comm.is_main:  # every rank holds the same pruned model: rank 0 finishes the run alone
+        return 0
     recovery = None
     if recipe.recover.method:
         from llmprune.calibration.data import calibration_tokens
@@ -94,6 +110,62 @@ def run(args: argparse.Namespace) -> int:
         )
         recovery = recover(model, input_ids=ids, keep_masks=result.keep_masks, **recipe.recover_kwargs())
     pruned = _scores(model, tok, recipe, args.skip_eval)
+    summary = _summary(recipe, result, prune_seconds, dense, pruned, recovery)
+    if recipe.output_dir:
+        from llmprune.io.save import save_pruned
+
+        metrics = {"perplexity": _ppl_metric(summary, recipe), "lm_eval": summary["lm_eval"]}
+        save_pruned(
+            model, tok, recipe.output_dir, result=result, recipe=recipe, run_info=summary, metrics=metrics
+        )
+        summary["output_dir"] = recipe.output_dir
+    discard_progress(checkpoint_dir, Comm())  # the run is complete; the other ranks have left already
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, recipe) -> int:
+    """Prune block by block from disk into ``output_dir``; the model is never whole in memory."""
+    from llmprune.calibration.distributed import current_comm
+    from llmprune.calibration.streaming import prune_streaming
+    from llmprune.errors import ConfigError
+
+    if recipe.recover.method or recipe.eval.tasks:
+        wanted = {"recovery": recipe.recover.method, "lm-eval tasks": recipe.eval.tasks}
+        asked = [what for what, value in wanted.items() if value]
+        raise ConfigError(
+            f"--streaming never holds the whole model in memory, so it cannot run {' or '.join(asked)} on "
+            "it. Fix: drop them from the flags and recipe (--tasks '' clears tasks), prune with --streaming "
+            "--output_dir OUT, then run `llmprune recover --model OUT` or `llmprune eval --model OUT`."
+        )
+    if not args.skip_eval:
+        log.info("--streaming: no perplexity is measured (run `llmprune eval --model OUTPUT_DIR` after)")
+    kwargs = recipe.prune_kwargs(with_output_dir=True)
+    del kwargs["streaming"]
+    run_info = {"command": _command(), "license": EMBEDDED_LICENSES.get(recipe.model.name)}
+    t0 = time.perf_counter()
+    result = prune_streaming(
+        recipe.model.name,
+        **kwargs,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        recipe=recipe.to_dict(),
+        run_info={k: v for k, v in run_info.items() if v is not None},
+    )
+    prune_seconds = time.perf_counter() - t0
+    if not current_comm().is_main:
+        return 0
+    summary = _summary(recipe, result, prune_seconds, {}, {}, None)
+    summary["output_dir"] = recipe.output_dir
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
+    return 0
+
+
+def _command() -> str | None:
+    return "llmprune " + " ".join(sys.argv[1:]) if "prune" in sys.argv else None
+
+
+def _summary(recipe, result, prune_seconds: float, dense, pruned, recovery) -> dict[str, Any]:
     summary = {
         "model": recipe.model.name,
         "method": recipe.prune.method,
@@ -107,20 +179,11 @@ def run(args: argparse.Namespace) -> int:
         else None,
         "recovery": recovery.to_dict() if recovery is not None and hasattr(recovery, "to_dict") else None,
         "calibration_hash": result.calibration_hash,
-        "command": "llmprune " + " ".join(sys.argv[1:]) if "prune" in sys.argv else None,
+        "command": _command(),
     }
     if recipe.model.name in EMBEDDED_LICENSES:
         summary["license"] = EMBEDDED_LICENSES[recipe.model.name]
-    if recipe.output_dir:
-        from llmprune.io.save import save_pruned
-
-        metrics = {"perplexity": _ppl_metric(summary, recipe), "lm_eval": summary["lm_eval"]}
-        save_pruned(
-            model, tok, recipe.output_dir, result=result, recipe=recipe, run_info=summary, metrics=metrics
-        )
-        summary["output_dir"] = recipe.output_dir
-    print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
-    return 0
+    return summary
 
 
 def _ppl_metric(summary: dict[str, Any], recipe) -> dict[str, Any] | None:

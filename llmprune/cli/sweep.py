@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.sparsities.split(",") if t.strip()]
     if not targets:
         raise ConfigError("--sparsities is empty: give targets such as 0.3,0.5,0.7.")
+    if base.model.streaming:
+        log.warning("the recipe's model.streaming is ignored by sweep: each point is measured in memory")
+        base = base.with_overrides({"model.streaming": False})
     recipes = [base.with_overrides({"prune.sparsity": t}) for t in targets]  # validates every target first
     if base.recover.method:
         log.warning("the recipe's recover section is ignored by sweep: points are one-shot pruning only")

@@ -1,0 +1,123 @@
+"""``prune()``'s keywords, checked once for both ways of running: in memory (``api.prune``) and streamed
+from disk (``streaming.prune_streaming``).
+
+Everything here runs before a model is loaded, so a typo or an impossible combination costs nothing
+and each message names the fix. The calibration tokens are read here too, by rank 0 only under
+``torchrun`` (the other ranks receive them), for the same reason on both paths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmprune.calibration.data import calibration_tokens
+from llmprune.calibration.distributed import Comm
+from llmprune.calibration.engine import EngineConfig, parse_bytes
+from llmprune.calibration.resume import resolve_checkpoint_dir
+from llmprune.errors import ConfigError, DataError
+from llmprune.registry import get_solver
+from llmprune.spec import ModuleSelection
+
+
+def is_model_path(model: Any) -> bool:
+    """A Hub id, folder or file to load, as opposed to a model already in memory."""
+    return isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")
+
+
+def engine_config(
+    model: Any,
+    *,
+    method: str,
+    sparsity: float | str,
+    targets: Iterable[str] | None,
+    ignore: Iterable[str] | None,
+    overrides: Mapping[str, float | str] | None,
+    true_sequential: bool,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    dataset: Any,
+    output_dir: str | os.PathLike | None,
+    streaming: bool,
+    max_memory: int | str | None,
+    offload_dir: str | None,
+    checkpoint_dir: str | os.PathLike | None,
+    resume: bool,
+    options: Mapping[str, Any],
+) -> EngineConfig:
+    """Check ``prune()``'s keywords (the solver's ``options`` too) and turn them into the engine's settings.
+
+    ``checkpoint_dir`` comes back resolved (beside ``output_dir`` when resuming without one). The
+    compute device and the process group are left to the caller: they may depend on the loaded model.
+    """
+    solver = get_solver(method)  # validates the name: "did you mean wanda?"
+    solver.check_options(options)
+    selection = ModuleSelection.build(sparsity, targets, ignore, overrides)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    if max_memory is not None:
+        parse_bytes(max_memory)
+    elif offload_dir is not None:
+        raise ConfigError(
+            "offload_dir is where calibration activations go once they exceed max_memory, and max_memory "
+            "is not set. Fix: set max_memory too (e.g. max_memory='8GB'; 0 keeps them all on disk), or "
+            "drop offload_dir."
+        )
+    if streaming:
+        if not is_model_path(model):
+            raise ConfigError(
+                "streaming=True reads the model's blocks from its checkpoint one at a time, so it takes the "
+                "model's folder or Hub id, not a loaded model. Fix: llmprune.prune('path/to/model', "
+                "streaming=True, output_dir=...), or drop streaming=True to prune this model in memory."
+            )
+        if output_dir is None:
+            raise ConfigError(
+                "streaming=True writes the pruned model block by block as it goes, so it needs "
+                "output_dir=... (--output_dir): the model is never whole in memory to be returned."
+            )
+        if isinstance(dataset, str) and dataset == "self":
+            raise DataError(
+                "dataset='self' samples text from the whole model, which streaming never holds: give text."
+            )
+    ckpt = resolve_checkpoint_dir(checkpoint_dir, output_dir, resume)
+    return EngineConfig(
+        solver=solver,
+        selection=selection,
+        options=dict(options),
+        true_sequential=true_sequential,
+        batch_size=batch_size,
+        progress=progress,
+        seed=seed,
+        max_memory=max_memory,
+        offload_dir=offload_dir,
+        checkpoint_dir=None if ckpt is None else str(ckpt),
+        resume=resume,
+    )
+
+
+def calibration_ids(
+    model: nn.Module,
+    dataset: Any,
+    tokenizer,
+    num_samples: int,
+    max_seq_length: int,
+    seed: int,
+    comm: Comm,
+) -> Tensor:
+    """The calibration tokens ``(N, L)``: read on rank 0 and sent to the others (every rank then
+    calibrates the same batches). ``model`` gives the position limit and, for ``dataset='self'``, the text.
+    """
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len and max_seq_length > max_len:
+        raise ConfigError(
+            f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
+        )
+    if not comm.is_main:
+        return comm.broadcast_tokens(torch.empty(0, 0, dtype=torch.int64))
+    ids = calibration_tokens(dataset, tokenizer, num_samples, max_seq_length, seed, model=model)
+    return comm.broadcast_tokens(ids)
