@@ -2,18 +2,21 @@
 
     python scripts/bench_icbs.py --workers 2
 
-Each iCBS row runs beside the SparseGPT row of the same sparsity (two single-thread processes on the
-2-core machine), so the wall-time multiple compares runs under the same load. The curve re-runs iCBS
-at 50 % with 0, 5, 10, 20 and 40 steps (step 0 = SparseGPT's mask with re-fitted weights). Wanda's
-perplexities come from bench_out/quality.json (perplexity does not depend on load). Results
-accumulate in bench_out/icbs.json (the run resumes); the table goes to the ``icbs`` section of
-docs/benchmarks.md and the curve to docs/icbs_quality_time.png.
+Runs go two at a time, one thread each, on the 2-core machine (``--workers``; several invocations
+share the job list), so every run, SparseGPT's and iCBS's alike, shares the machine with one other
+single-thread run and the wall-time multiple compares runs under the same load. The curve re-runs iCBS
+at 50 % with ``--curve_steps`` (default 0, 5, 10; the main row has 20; step 0 = SparseGPT's mask
+with re-fitted weights). Wanda's perplexities come from bench_out/quality.json (perplexity does not
+depend on load). Results accumulate in bench_out/icbs.json (the run resumes); the table goes to the
+``icbs`` section of docs/benchmarks.md and the curve to docs/icbs_quality_time.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import run_one, save_json, write_section  # noqa: E402
 
 SPARSITIES = ["0.5", "2:4", "0.7", "0.6"]
-CURVE_STEPS = [0, 5, 10, 40]  # plus the default 20 of the main row
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "icbs_quality_time.png"
 
 
@@ -40,13 +42,11 @@ def _child(a: argparse.Namespace, method: str, sparsity: str, options: dict) -> 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _jobs(curve: bool) -> list[tuple[str, str, dict]]:
+def _jobs(curve_steps: list[int]) -> list[tuple[str, str, dict]]:
     jobs = []
     for sparsity in SPARSITIES:
         jobs += [("sparsegpt", sparsity, {}), ("icbs", sparsity, {})]
-    if curve:
-        jobs += [("icbs", "0.5", {"steps": s}) for s in CURVE_STEPS]
-    return jobs
+    return jobs + [("icbs", "0.5", {"steps": s}) for s in curve_steps if s != 20]
 
 
 def _plot(results: dict, wanda: float | None) -> None:
@@ -92,8 +92,8 @@ def report(results: dict, quality: dict) -> str:
         "`scripts/bench_icbs.py`: same calibration and held-out tokens as the quality table (dense "
         f"{quality.get('dense', {}).get('ppl', float('nan')):.2f}). iCBS defaults: start from SparseGPT's "
         "mask and weights, 20 block-coordinate-descent steps per layer (blocks of 32 weights per row, "
-        "8 pruned), kept weights re-fitted by CG least squares, ridge 0.1. Each iCBS run ran beside the "
-        "SparseGPT run of the same sparsity (one thread each), so `x SparseGPT time` compares equal load.",
+        "8 pruned), kept weights re-fitted by CG least squares, ridge 0.1. Every run (one thread) shared the "
+        "2-core machine with one other single-thread run, so `x SparseGPT time` compares equal load.",
         "",
         "| sparsity | Wanda ppl | SparseGPT ppl | iCBS ppl | iCBS vs SparseGPT | SparseGPT s | iCBS s "
         "| x SparseGPT time |",
@@ -135,29 +135,42 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path("bench_out/data"))
     p.add_argument("--out", type=Path, default=Path("bench_out/icbs.json"))
+    p.add_argument("--work", type=Path, default=Path("bench_out/icbs"), help="one JSON per run")
+    p.add_argument("--curve_only", action="store_true", help="only the extra curve runs")
     p.add_argument("--quality", type=Path, default=Path("bench_out/quality.json"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--no_curve", action="store_true")
+    p.add_argument("--curve_steps", default="0,5,10", help="extra iCBS 50 %% runs (20 is the main row)")
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "OPTIONS_JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         print(json.dumps(run_one(a.model, a.data, a.one[0], a.one[1], json.loads(a.one[2]), a.threads)))
         return
-    results = json.loads(a.out.read_text()) if a.out.exists() else {}
-    quality = json.loads(a.quality.read_text()) if a.quality.exists() else {}
+    a.work.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
-        todo = [j for j in _jobs(not a.no_curve) if "ppl" not in results.get(_key(*j), {})]
+        curve = [int(x) for x in a.curve_steps.split(",") if x]
+        jobs = _jobs(curve) if not a.curve_only else _jobs(curve)[2 * len(SPARSITIES) :]
 
         def run(job: tuple[str, str, dict]) -> None:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", _key(*job)).strip("_")
+            done = a.work / f"{name}.json"
+            try:  # several invocations may share the work: the first to claim a job runs it
+                os.close(os.open(done.with_suffix(".claim"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
             print(f"running {_key(*job)} …", file=sys.stderr, flush=True)
-            results[_key(*job)] = _child(a, *job)
-            print(f"  {results[_key(*job)]}", file=sys.stderr, flush=True)
-            save_json(a.out, results)
+            row = {"key": _key(*job), **_child(a, *job)}
+            print(f"  {row}", file=sys.stderr, flush=True)
+            save_json(done, row)
+            if "error" in row:
+                done.with_suffix(".claim").unlink()
 
         with ThreadPoolExecutor(a.workers) as pool:
-            list(pool.map(run, todo))
+            list(pool.map(run, jobs))
+    results = {r["key"]: r for r in (json.loads(f.read_text()) for f in sorted(a.work.glob("*.json")))}
+    save_json(a.out, results)
+    quality = json.loads(a.quality.read_text()) if a.quality.exists() else {}
     _plot(results, quality.get(_key("wanda", "0.5", {}), {}).get("ppl"))
     body = report(results, quality)
     write_section("icbs", body)
