@@ -63,12 +63,34 @@ def prune_job(a: argparse.Namespace, method: str, sparsity: str) -> None:
     tmp.replace(path)
 
 
+def training_windows(a: argparse.Namespace, model, tok) -> torch.Tensor:
+    """256-token windows to retrain on: the built-in calibration text, or text the DENSE model generated.
+
+    ``self`` is the data-free option: the dense model's own samples carry its general distribution,
+    where the built-in calibration text (mostly the Jargon File) pulls a model trained on it for long
+    towards one narrow style and away from the held-out prose.
+    """
+    from llmprune.calibration.data import calibration_tokens, self_generated_windows
+
+    if a.train == "calibration":
+        return calibration_tokens(None, tok, 256, 256, seed=1)
+    path = WORK / f"self_{a.train_windows}x256.pt"
+    if not path.exists():  # generated once, by the first job, from the dense weights
+        import llmprune
+
+        dense, _ = llmprune.load_model(a.model)
+        windows = self_generated_windows(dense, tok, a.train_windows, 256, seed=1)
+        torch.save(windows, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return torch.load(path)
+
+
 def recover_job(a: argparse.Namespace, method: str, sparsity: str, rec: str) -> None:
     import llmprune
-    from llmprune.calibration.data import calibration_tokens
     from llmprune.recovery import recover
 
-    out = WORK / f"{_tag(method, sparsity)}_{rec}_{a.max_seconds:.0f}s_{a.threads}t.json"
+    suffix = "" if a.train == "calibration" else f"_{a.train}"
+    out = WORK / f"{_tag(method, sparsity)}_{rec}_{a.max_seconds:.0f}s_{a.threads}t{suffix}.json"
     if out.exists():
         return
     torch.set_num_threads(a.threads)
@@ -78,7 +100,7 @@ def recover_job(a: argparse.Namespace, method: str, sparsity: str, rec: str) -> 
     with torch.no_grad():
         for name, w in blob["weights"].items():
             model.get_submodule(name).weight.copy_(w)
-    train = calibration_tokens(None, tok, 256, 256, seed=1)
+    train = training_windows(a, model, tok)
     method_name, _, mode = rec.partition("@")  # e.g. perp@reconstruct: match the dense blocks instead
     extra = {"mode": mode, "dense_model": llmprune.load_model(a.model)[0]} if mode else {}
     _reset_peak_rss()
@@ -118,6 +140,7 @@ def recover_job(a: argparse.Namespace, method: str, sparsity: str, rec: str) -> 
         "mask_unchanged": same_mask,
         "peak_rss_mib": peak,
         "threads": a.threads,
+        "train": a.train,
     }
     print(row, file=sys.stderr, flush=True)
     save_json(out, row)
@@ -137,19 +160,21 @@ def report(a: argparse.Namespace) -> None:
     dense_ppl = json.loads(Path("bench_out/quality.json").read_text())["dense"]["ppl"]
     lines = [
         "`scripts/bench_recovery.py`: SmolLM2-135M pruned with the quality benchmark's calibration "
-        "tokens, then recovered within a wall-clock budget on 256×256 windows of the built-in calibration "
-        "text (1-thread runs ran two side by side on the 2-core machine; 2-thread runs ran alone); "
+        "tokens, then recovered within a wall-clock budget on 256-token windows: `calibration` = 256 "
+        "windows of the built-in calibration text, `self` = 512 windows sampled from the dense model "
+        "(data-free); 1-thread runs ran two side by side on the 2-core machine, 2-thread runs alone; "
         "perplexity on the same "
         f"held-out windows (dense {dense_ppl:.2f}). Gap closed = (before − after) / (before − dense). "
         "Peak RSS is the recovery process's high-water mark from the start of recovery (model loaded).",
         "",
-        "| pruned | recovery | ppl before | ppl after | gap closed | trained params | steps | budget "
+        "| pruned | recovery | text | ppl before | ppl after | gap closed | trained params | steps | budget "
         "| threads | peak RSS | mask unchanged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} {r['sparsity']} | {r['recover']} | {r['ppl_before']:.2f} | "
+            f"| {r['method']} {r['sparsity']} | {r['recover']} | {r.get('train', 'calibration')} "
+            f"| {r['ppl_before']:.2f} | "
             f"{r['ppl_after']:.2f} | {100 * r['gap_closed']:.0f} % | {100 * r['trainable_fraction']:.2f} % "
             f"| {r['steps']} | {r['budget_s']:.0f} s | {r['threads']} | {r['peak_rss_mib']:.0f} MiB "
             f"| {'yes' if r['mask_unchanged'] else 'NO'} |"
@@ -167,6 +192,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("bench_out/data"))
     p.add_argument("--out", type=Path, default=Path("bench_out/recovery.json"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train", choices=["calibration", "self"], default="calibration", help="retraining text")
+    p.add_argument("--train_windows", type=int, default=512, help="windows generated for --train self")
     p.add_argument("--workers", type=int, default=1, help="jobs run side by side, each in its own process")
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--report_only", action="store_true")
@@ -182,7 +209,8 @@ def main() -> None:
     if not a.report_only:
         pairs = [pair.split(":", 1) for pair in a.pairs.split(",")]
         common = ["--model", a.model, "--data", str(a.data), "--threads", str(a.threads)]
-        common += ["--max_seconds", str(a.max_seconds)]
+        common += ["--max_seconds", str(a.max_seconds), "--train", a.train]
+        common += ["--train_windows", str(a.train_windows)]
         with ThreadPoolExecutor(a.workers) as pool:
             list(pool.map(lambda ms: _spawn([*common, "--job", f"prune|{ms[0]}|{ms[1]}"]), pairs))
             jobs = [(rec, m, s) for rec in a.recover.split(",") for m, s in pairs]
