@@ -84,6 +84,16 @@ def make_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from threads (on a busy 2-core machine they cost
+    several times over), and tests comparing with subprocesses need the same kernels, hence the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(ARCHITECTURES))
 def arch(request) -> str:
     return request.param

@@ -277,9 +277,8 @@ def test_update_mode_block_qubo_is_the_row_loss_up_to_a_constant():
     """Kept weights at their current (updated) values: x^T Q x + c^T x - loss(x) is the same for all 2^B x."""
     problem = _problem(1, 10, 0.5, seed=10, tokens=40)
     h = problem.stats.hessian.double()
-    state = _Descent(
-        problem.weight, h, get_solver("sparsegpt")(problem).keep, get_solver("sparsegpt")(problem).weight
-    )
+    start = get_solver("sparsegpt")(problem)
+    state = _Descent(problem.weight, h, start.keep, start.weight)
     values = state.values()
     f2 = 2.0 * (values * state.g).float()
     idx = torch.tensor([[0, 2, 3, 5, 6, 9]])

@@ -14,13 +14,7 @@ from llmprune.recovery.lift import LiftOptions, LiftSession, SparseAdamW, princi
 from llmprune.recovery.masking import resolve_targets, weight_2d
 from llmprune.recovery.train import TrainSettings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_selection(w: torch.Tensor, keep: torch.Tensor, rank: int, k: int) -> set[int]:

@@ -25,13 +25,7 @@ from llmprune.recovery.train import TrainSettings, lr_factor
 D, R = 32, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads cost 5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODELS = {"llama": llama, "gpt2": gpt2}

@@ -35,14 +35,7 @@ IDS = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2
 HESSIAN_METHOD = "sparsegpt" if "sparsegpt" in llmprune.available_solvers() else "wanda"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the subprocesses compared with: same kernels, same bits (and no
-    oversubscription on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0):

@@ -29,14 +29,7 @@ IDS = torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(1
 KW = dict(dataset=IDS, num_calibration_samples=6, max_seq_length=24, batch_size=2, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the subprocesses compared with: same kernels, same bits (and no
-    oversubscription on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(src: Path, **kw):
