@@ -54,6 +54,9 @@ def prune(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    trust_remote_code: bool = False,
+    recipe: dict | None = None,
+    run_info: dict | None = None,
     **solver_args: Any,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, and report what was done.
@@ -62,7 +65,8 @@ def prune(
     ``"smollm2-135m"``). ``sparsity`` is a fraction (``0.5``) or an N:M pattern (``"2:4"``: keep 2 of
     every 4). ``dataset`` is any calibration source (see ``llmprune.calibration.data``); ``None`` uses
     the built-in public-domain text. Extra keyword arguments go to the solver (e.g. ``block_size=128``).
-    With ``output_dir`` the pruned checkpoint is written there (atomically).
+    With ``output_dir`` the pruned checkpoint is written there (atomically), with ``recipe`` and
+    ``run_info`` as provenance (the CLI records its resolved recipe and command).
 
     For models larger than memory:
 
@@ -114,9 +118,14 @@ def prune(
             max_seq_length=max_seq_length,
             device=device,
             dtype=dtype,
+            recipe=recipe,
+            run_info=run_info,
+            trust_remote_code=trust_remote_code,
         )
     if is_model_path(model):
-        model, tokenizer = load_model(str(model), dtype=dtype, device=device)
+        model, tokenizer = load_model(
+            str(model), dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
     cfg.device = resolve_device(device) if device not in (None, "auto") else next(model.parameters()).device
     comm = current_comm()
     torch.manual_seed(seed)
@@ -149,7 +158,7 @@ def prune(
         from llmprune.io.save import save_pruned
 
         if comm.is_main:
-            save_pruned(model, tokenizer, output_dir, result=result)
+            save_pruned(model, tokenizer, output_dir, result=result, recipe=recipe, run_info=run_info)
         discard_progress(cfg.checkpoint_dir, comm)
     elif cfg.checkpoint_dir is not None and comm.is_main:
         log.debug(

@@ -29,7 +29,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import BlockSource, EngineConfig, prune_blocks
 from llmprune.calibration.modules import WeightView, find_blocks
 from llmprune.calibration.resume import Progress, run_fingerprint, save_tensors, write_safetensors
-from llmprune.calibration.settings import calibration_ids, engine_config
+from llmprune.calibration.settings import calibration_ids
 from llmprune.errors import ModelLoadError
 from llmprune.result import PruneResult
 
@@ -465,73 +465,17 @@ def _numel(shape: list[int]) -> int:
 
 
 def prune_streaming(
-    model: str | os.PathLike,
-    tokenizer=None,
-    *,
-    output_dir: str | os.PathLike,
-    method: str = "wanda",
-    sparsity: float | str = 0.5,
-    dataset: Any = None,
-    num_calibration_samples: int = 128,
-    max_seq_length: int = 2048,
-    seed: int = 0,
-    targets: Iterable[str] | None = None,
-    ignore: Iterable[str] | None = None,
-    overrides: Mapping[str, float | str] | None = None,
-    true_sequential: bool = False,
-    batch_size: int = 8,
-    device: str | None = "auto",
-    dtype: str | None = "float32",
-    progress: bool = True,
-    max_memory: int | str | None = None,
-    offload_dir: str | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    recipe: dict | None = None,
-    run_info: dict | None = None,
-    trust_remote_code: bool = False,
-    **solver_args: Any,
+    model: str | os.PathLike, tokenizer=None, *, output_dir: str | os.PathLike, **kwargs: Any
 ) -> PruneResult:
     """Prune the checkpoint folder ``model`` block by block from disk and write it to ``output_dir``.
 
-    ``llmprune.prune(model, streaming=True, ...)`` with the same keywords, plus the provenance to save
-    (``recipe``, ``run_info``: the CLI records its resolved recipe and command) and ``trust_remote_code``.
-    Progress for ``resume`` defaults to ``.<output_dir name>.llmprune-progress`` beside ``output_dir``.
+    ``llmprune.prune(model, tokenizer, streaming=True, output_dir=..., **kwargs)``: the same keywords
+    and checks. Progress for ``resume`` defaults to ``.<output_dir name>.llmprune-progress`` beside
+    ``output_dir``.
     """
-    cfg = engine_config(
-        model,
-        method=method,
-        sparsity=sparsity,
-        targets=targets,
-        ignore=ignore,
-        overrides=overrides,
-        true_sequential=true_sequential,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        dataset=dataset,
-        output_dir=output_dir,
-        streaming=True,
-        max_memory=max_memory,
-        offload_dir=offload_dir,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        options=solver_args,
-    )
-    return stream_blocks(
-        model,
-        tokenizer,
-        cfg,
-        output_dir=output_dir,
-        dataset=dataset,
-        num_calibration_samples=num_calibration_samples,
-        max_seq_length=max_seq_length,
-        device=device,
-        dtype=dtype,
-        recipe=recipe,
-        run_info=run_info,
-        trust_remote_code=trust_remote_code,
-    )
+    from llmprune.api import prune  # the one entry point; api imports this module lazily
+
+    return prune(model, tokenizer, streaming=True, output_dir=output_dir, **kwargs)
 
 
 def stream_blocks(
