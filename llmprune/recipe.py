@@ -234,6 +234,7 @@ class RecoverSection:
     recover_max_seconds: float | None = None
     lr: float | None = None  # None = the method's measured default (llmprune.recovery.DEFAULT_LR)
     mode: str = "retrain"  # retrain (causal-LM loss) | reconstruct (match the dense blocks)
+    distill: float | None = None  # retrain: weight of KL to the dense model (0 = LM loss, 1 = KL); None = 1
     batch_size: int = 4
     dataset: str | None = None  # training text; None = calibration.dataset
     num_samples: int | None = None  # windows; None = calibration.num_calibration_samples
@@ -242,6 +243,11 @@ class RecoverSection:
     options: dict[str, Any] = field(
         default_factory=dict
     )  # method options (r, alpha, rank…) and optimiser knobs
+
+    @property
+    def needs_dense_model(self) -> bool:
+        """Reconstruction and distillation take their targets from the dense model: keep a copy."""
+        return self.method is not None and (self.mode == "reconstruct" or self.distill != 0)
 
     def __post_init__(self) -> None:
         from llmprune.recovery import COMMON_OPTIONS, METHODS, MODES, method_options
@@ -262,6 +268,11 @@ class RecoverSection:
                 "recover.mode",
                 f"unknown mode {self.mode!r}{did_you_mean(str(self.mode), MODES)}: use {MODES}.",
             )
+        self.distill = _float("recover.distill", self.distill, optional=True, positive=False)
+        if self.distill is not None and not 0.0 <= self.distill <= 1.0:
+            raise _fail("recover.distill", f"must be in [0, 1] (0 = LM loss, 1 = KL), got {self.distill}.")
+        if self.distill and self.mode != "retrain":
+            raise _fail("recover.distill", "applies to mode retrain; set it to 0 for reconstruct.")
         _int("recover.batch_size", self.batch_size, 1)
         _str("recover.dataset", self.dataset)
         _int("recover.num_samples", self.num_samples, 1, optional=True)
@@ -535,6 +546,7 @@ class Recipe:
             "max_seconds": r.recover_max_seconds,
             "lr": r.lr,
             "mode": r.mode,
+            "distill": r.distill,
             "batch_size": r.batch_size,
             "seed": self.recover_windows_kwargs()["seed"],
             **r.options,
@@ -571,6 +583,7 @@ FLAG_KEYS: dict[str, str] = {
     "recover_max_seconds": "recover.recover_max_seconds",
     "lr": "recover.lr",
     "recover_mode": "recover.mode",
+    "distill": "recover.distill",
     "tasks": "eval.tasks",
     "include_path": "eval.include_path",
     "num_fewshot": "eval.num_fewshot",

@@ -196,3 +196,21 @@ def test_impossible_large_model_flags_exit_2_with_the_fix(tiny_checkpoint, capsy
     folder, text = tiny_checkpoint
     assert main(_args(folder, text, "--skip_eval", *flags)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--distill", "0.5"], ["--recover_mode", "reconstruct"]])
+def test_recovery_that_needs_the_dense_model_gets_a_copy(tiny_checkpoint, capsys, extra):
+    """Distillation (the default) and reconstruction take targets from the model as it was before pruning."""
+    folder, text = tiny_checkpoint
+    args = _args(folder, text, "--recover", "perp", "--recover_steps", "2", *extra, "--json")
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["recovery"]["mode"] == ("reconstruct" if "reconstruct" in extra else "retrain")
+    assert summary["recovery"]["steps_done"] >= 2  # reconstruct makes its steps per block
+    expected = 0.0 if "reconstruct" in extra else float(extra[1]) if extra else 1.0  # default: distil
+    assert summary["recovery"]["options"]["distill"] == expected
+
+
+def test_recover_distill_without_a_teacher_fails_before_loading(tmp_path, capsys):
+    assert main(["recover", "--model", str(tmp_path / "missing"), "--distill", "0.5"]) == 2
+    assert "--distill needs --dense_model" in capsys.readouterr().err  # not "model not found"

@@ -12,6 +12,7 @@ recovers, saves and prints. ``--resume`` continues a killed run; its progress is
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import resource
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--recover_max_seconds", type=float, help="stop recovery after this long")
     g.add_argument("--lr", type=float, help="recovery learning rate (default: the method's)")
     g.add_argument("--recover_mode", choices=["retrain", "reconstruct"], help="default retrain")
+    g.add_argument("--distill", type=float, help="retrain: weight of KL to the dense model, 0..1 (default 1)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default: --max_seq_length)")
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     comm = current_comm()  # before loading: under torchrun this picks each rank's GPU
     model, tok = llmprune.load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
     dense = _scores(model, tok, recipe, args.skip_eval) if comm.is_main else {}
+    teacher = copy.deepcopy(model) if recipe.recover.needs_dense_model and comm.is_main else None
     t0 = time.perf_counter()
     result = llmprune.prune(
         model, tok, **recipe.prune_kwargs(), checkpoint_dir=checkpoint_dir, resume=args.resume
@@ -108,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
             windows["seed"],
             model=model,
         )
-        recovery = recover(model, input_ids=ids, keep_masks=result.keep_masks, **recipe.recover_kwargs())
+        recovery = recover(
+            model, input_ids=ids, keep_masks=result.keep_masks, dense_model=teacher, **recipe.recover_kwargs()
+        )
+        del teacher
     pruned = _scores(model, tok, recipe, args.skip_eval)
     summary = _summary(recipe, result, prune_seconds, dense, pruned, recovery)
     if recipe.output_dir:

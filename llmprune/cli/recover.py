@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "method": "perp",
     "mode": "retrain",
     "dense_model": None,
+    "distill": None,  # None: 1 with --dense_model (retrain), else 0
     "dataset": None,
     "num_calibration_samples": 256,
     "max_seq_length": 256,
@@ -55,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("recovery")
     g.add_argument("--method", choices=["perp", "lift"], help="perp (default): LoRA+norms+biases; lift")
     g.add_argument("--mode", choices=["retrain", "reconstruct"], help="retrain (default) or reconstruct")
-    g.add_argument("--dense_model", help="dense checkpoint for --mode reconstruct")
+    g.add_argument("--dense_model", help="dense checkpoint (reconstruct targets, distill teacher)")
+    g.add_argument("--distill", type=float, help="weight of KL to --dense_model, 0..1 (default 1 with it)")
     g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
     g.add_argument("--recover_max_seconds", type=float, help="time budget; the schedule decays to 0 by then")
     g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
@@ -93,6 +95,7 @@ def recover_kwargs(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]
     return {
         "method": s["method"],
         "mode": s["mode"],
+        "distill": s["distill"],
         "steps": s["recover_steps"],
         "max_seconds": s["recover_max_seconds"],
         "lr": s["lr"],
@@ -131,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown {s['method']} option {unknown[0]!r}: use one of {', '.join(allowed)}.")
     if s["mode"] == "reconstruct" and not s["dense_model"]:
         raise ConfigError("--mode reconstruct needs --dense_model PATH (the dense checkpoint to match).")
+    if s["distill"] is not None and not 0.0 <= s["distill"] <= 1.0:
+        raise ConfigError(f"--distill must be in [0, 1] (0 = LM loss, 1 = distillation), got {s['distill']}.")
+    if s["distill"] and not s["dense_model"]:
+        raise ConfigError("--distill needs --dense_model PATH (the dense checkpoint, the teacher).")
     model, tok = load_model(s["model"], dtype=s["dtype"], device=s["device"])
     dense = load_model(s["dense_model"], dtype=s["dtype"], device="cpu")[0] if s["dense_model"] else None
     eval_len = s["eval_max_seq_length"] or 512
@@ -163,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if s["output_dir"]:
         from llmprune.io.save import save_pruned
 
-        recipe = _recipe(s, options)
+        recipe = _recipe(s, options, distill=result.options["distill"])
         metrics = None
         if after is not None:
             metrics = {
@@ -181,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+def _recipe(s: dict[str, Any], options: dict[str, Any], distill: float) -> dict[str, Any]:
     """The pruning recipe saved beside the input checkpoint (if any), with this run's ``recover`` section."""
     import yaml
 
@@ -196,6 +203,7 @@ def _recipe(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
         "recover_max_seconds": s["recover_max_seconds"],
         "lr": s["lr"] if s["lr"] is not None else DEFAULT_LR[s["method"]],  # resolved: reruns match
         "mode": s["mode"],
+        "distill": distill,  # resolved, like lr
         "batch_size": s["batch_size"],
         "dataset": s["dataset"],
         "num_samples": s["num_calibration_samples"],

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.recovery import masking
+from llmprune.recovery.heap import reuse_freed_memory
 from llmprune.recovery.lift import LiftOptions, LiftSession
+from llmprune.recovery.losses import retraining_loss
 from llmprune.recovery.perp import PerpOptions, PerpSession
 from llmprune.recovery.reconstruct import reconstruct
 from llmprune.recovery.train import LoopResult, TrainSettings, run, window_batches
@@ -92,6 +94,7 @@ def recover(
     seed: int = 0,
     mode: str = "retrain",
     dense_model: nn.Module | None = None,
+    distill: float | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
     **options: Any,
 ) -> RecoveryResult:
@@ -99,8 +102,12 @@ def recover(
 
     ``input_ids`` are ``(N, L)`` training windows (``calibration_tokens``). ``keep_masks`` (``{name: (out, in)
     bool}``, True = kept) default to the exact zeros of the block Linears. ``mode="reconstruct"`` needs
-    ``dense_model`` (a dense copy; see :mod:`llmprune.recovery.reconstruct`). The model comes back as plain
-    Linear weights (adapters merged), in its original train/eval mode. Dropout is off while training.
+    ``dense_model`` (a dense copy; see :mod:`llmprune.recovery.reconstruct`). ``distill`` in [0, 1] mixes
+    knowledge distillation into retraining: loss = (1 − distill)·LM loss + distill·KL(dense ‖ pruned) over
+    the next-token distributions, with ``dense_model`` as the teacher; ``None`` = 1 when a ``dense_model``
+    is given, else 0 (distillation recovered more in every measured case: docs/benchmarks.md). The model
+    comes back as plain Linear weights (adapters merged), in its original train/eval mode. Dropout is off
+    while training.
     ``callback(step, model)`` runs after every optimiser step.
 
     >>> result = recover(model, input_ids=calibration_tokens(None, tok, 64, 256), steps=200)  # doctest: +SKIP
@@ -121,6 +128,19 @@ def recover(
     if mode == "reconstruct" and dense_model is None:
         raise ConfigError(
             "mode='reconstruct' needs dense_model=<a dense copy of the model> to take targets from."
+        )
+    if distill is None:
+        distill = 1.0 if dense_model is not None and mode == "retrain" else 0.0
+    if not 0.0 <= distill <= 1.0:
+        raise ConfigError(
+            f"distill must be in [0, 1] (0 = LM loss only, 1 = distillation only), got {distill}."
+        )
+    if distill > 0 and mode != "retrain":
+        raise ConfigError("distill applies to mode='retrain' (reconstruct already matches the dense blocks).")
+    if distill > 0 and dense_model is None:
+        raise ConfigError(
+            f"distill={distill} needs dense_model=<the dense model before pruning> as the teacher "
+            "(or distill=0)."
         )
     settings = TrainSettings(
         steps=steps,
@@ -152,7 +172,10 @@ def recover(
     was_training = model.training
     model.eval()  # no dropout: short runs on few windows, and deterministic
     session = session_cls(model, targets, method_opts)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        reuse_freed_memory(device.type == "cpu"),
+    ):
         torch.manual_seed(seed)
         try:
             session.attach()
@@ -168,7 +191,8 @@ def recover(
                     callback(step, model)
 
             if mode == "retrain":
-                loop, details = _retrain(model, session, input_ids, settings, on_step), {}
+                teacher = dense_model if distill > 0 else None
+                loop, details = _retrain(model, session, input_ids, settings, on_step, teacher, distill), {}
             else:
                 loop, per_block = reconstruct(
                     model, dense_model, session, input_ids, settings, on_step=on_step
@@ -204,19 +228,41 @@ def recover(
             **dataclasses.asdict(method_opts),
             "method": method,
             "mode": mode,
+            "distill": distill,
         },
         details=details,
     )
 
 
-def _retrain(model: nn.Module, session, input_ids: Tensor, settings: TrainSettings, on_step) -> LoopResult:
-    """Causal-LM loss on the token windows."""
+def _retrain(
+    model: nn.Module,
+    session,
+    input_ids: Tensor,
+    settings: TrainSettings,
+    on_step,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
+) -> LoopResult:
+    """Causal-LM loss on the token windows, mixed with distillation from ``teacher`` when ``distill > 0``.
+
+    Why distil: the pruned model should behave like the dense one, not like the retraining text. The
+    teacher's full next-token distribution is a far richer target than the one observed token, and it
+    keeps short retraining on narrow text from drifting the model towards that text's style.
+    """
     device = next(model.parameters()).device
     batches = window_batches(input_ids, settings.batch_size, settings.seed)
+    if teacher is not None:
+        teacher.eval()
+        teacher_device = next(teacher.parameters()).device
 
     def loss_fn(batch: Tensor) -> Tensor:
         batch = batch.to(device)
-        return model(input_ids=batch, labels=batch, use_cache=False).loss
+        target = None
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(input_ids=batch.to(teacher_device), use_cache=False).logits.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        return retraining_loss(logits, batch, target, distill)
 
     params = session.parameters()
     if not params:

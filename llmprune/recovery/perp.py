@@ -85,10 +85,13 @@ def _layer_classes() -> tuple[type, type]:
             return delta.masked_fill(~self.keep_mask, 0.0)
 
         def _effective_weight(self) -> Tensor:
+            """``W + s·(BA ⊙ keep)`` in two passes over the matrix (a where, a scaled add): it is built in
+            every forward, so it costs the fewest full-size temporaries (merging uses the formula above)."""
             weight = self.get_base_layer().weight
             for adapter in self.active_adapters:
                 if adapter in self.lora_A:
-                    weight = weight + self.get_delta_weight(adapter).to(weight.dtype)
+                    masked = torch.where(self.keep_mask, self._product(adapter).to(weight.dtype), 0.0)
+                    weight = torch.add(weight, masked, alpha=self.scaling[adapter])
             return weight
 
         def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
