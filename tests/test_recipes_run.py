@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def check_sparsity(weights: dict[str, torch.Tensor], target: float | str) -> Non
 def test_every_recipe_runs(path, text_file):
     recipe = load_recipe(path).with_overrides({**TINY, "calibration.dataset": str(text_file)})
     model, tok = tiny_lm()
+    dense = copy.deepcopy(model) if recipe.recover.needs_dense_model else None  # distillation's teacher
     result = api.prune(model, tok, **recipe.prune_kwargs(), progress=False)
     pruned = block_weights(model)
     check_sparsity(pruned, recipe.prune.sparsity)
@@ -77,7 +79,7 @@ def test_every_recipe_runs(path, text_file):
 
         ids = calibration_tokens(tokenizer=tok, **recipe.recover_windows_kwargs())
         assert ids.shape == (2, 16)
-        report = recover(model, input_ids=ids, **recipe.recover_kwargs())
+        report = recover(model, input_ids=ids, dense_model=dense, **recipe.recover_kwargs())
         assert report.steps_done == 2
         after = block_weights(model)
         assert all(torch.equal(after[n] == 0, pruned[n] == 0) for n in pruned)  # every zero survived
