@@ -39,7 +39,8 @@ class _MixedLoss(torch.autograd.Function):
             if distill > 0:
                 log_t = F.log_softmax(teacher[rows].to(dtype), dim=-1)
                 p_t = log_t.exp()
-                total += kl_scale * (p_t * (log_t - log_p)).sum(dtype=torch.float64)
+                terms = p_t * (log_t - log_p)  # 0 · (−inf) where a teacher logit is −inf (masked token)
+                total += kl_scale * terms.masked_fill_(p_t == 0, 0.0).sum(dtype=torch.float64)
                 chunk_grad.sub_(p_t).mul_(kl_scale)
             else:
                 chunk_grad.zero_()
