@@ -251,6 +251,7 @@ class RecoverSection:
 
     def __post_init__(self) -> None:
         from llmprune.recovery import COMMON_OPTIONS, METHODS, MODES, method_options
+        from llmprune.recovery.api import distill_problem
 
         if self.method is not None:
             name = _str("recover.method", self.method, optional=False)
@@ -269,10 +270,9 @@ class RecoverSection:
                 f"unknown mode {self.mode!r}{did_you_mean(str(self.mode), MODES)}: use {MODES}.",
             )
         self.distill = _float("recover.distill", self.distill, optional=True, positive=False)
-        if self.distill is not None and not 0.0 <= self.distill <= 1.0:
-            raise _fail("recover.distill", f"must be in [0, 1] (0 = LM loss, 1 = KL), got {self.distill}.")
-        if self.distill and self.mode != "retrain":
-            raise _fail("recover.distill", "applies to mode retrain; set it to 0 for reconstruct.")
+        problem = distill_problem(self.distill, self.mode)
+        if problem:
+            raise _fail("recover.distill", problem)
         _int("recover.batch_size", self.batch_size, 1)
         _str("recover.dataset", self.dataset)
         _int("recover.num_samples", self.num_samples, 1, optional=True)

@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.evaluation.perplexity import perplexity
     from llmprune.io.models import load_model
     from llmprune.recovery import method_options, recover
+    from llmprune.recovery.api import distill_problem
 
     s = resolve(args)
     options = parse_options(args.option or [])  # the recipes' YAML scalars: '2:4' stays text
@@ -134,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown {s['method']} option {unknown[0]!r}: use one of {', '.join(allowed)}.")
     if s["mode"] == "reconstruct" and not s["dense_model"]:
         raise ConfigError("--mode reconstruct needs --dense_model PATH (the dense checkpoint to match).")
-    if s["distill"] is not None and not 0.0 <= s["distill"] <= 1.0:
-        raise ConfigError(f"--distill must be in [0, 1] (0 = LM loss, 1 = distillation), got {s['distill']}.")
+    problem = distill_problem(s["distill"], s["mode"])
+    if problem:
+        raise ConfigError(f"--distill {problem}")
     if s["distill"] and not s["dense_model"]:
         raise ConfigError("--distill needs --dense_model PATH (the dense checkpoint, the teacher).")
     model, tok = load_model(s["model"], dtype=s["dtype"], device=s["device"])

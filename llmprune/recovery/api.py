@@ -44,6 +44,16 @@ def method_options(method: str) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(METHODS[method][0])}
 
 
+def distill_problem(distill: float | None, mode: str) -> str | None:
+    """What is wrong with a ``distill`` value for ``mode`` (None = nothing). One check for ``recover()``,
+    the recipe and the CLI, which each name the setting their own way before it."""
+    if distill is not None and not 0.0 <= distill <= 1.0:
+        return f"must be in [0, 1] (0 = LM loss, 1 = KL to the dense model), got {distill}."
+    if distill and mode != "retrain":
+        return "applies to mode 'retrain' only; set it to 0 for reconstruct (which matches the dense blocks)."
+    return None
+
+
 @dataclass
 class RecoveryResult:
     """What recovery did, for logs, model cards and benchmarks."""
@@ -131,12 +141,9 @@ def recover(
         )
     if distill is None:
         distill = 1.0 if dense_model is not None and mode == "retrain" else 0.0
-    if not 0.0 <= distill <= 1.0:
-        raise ConfigError(
-            f"distill must be in [0, 1] (0 = LM loss only, 1 = distillation only), got {distill}."
-        )
-    if distill > 0 and mode != "retrain":
-        raise ConfigError("distill applies to mode='retrain' (reconstruct already matches the dense blocks).")
+    problem = distill_problem(distill, mode)
+    if problem:
+        raise ConfigError(f"distill {problem}")
     if distill > 0 and dense_model is None:
         raise ConfigError(
             f"distill={distill} needs dense_model=<the dense model before pruning> as the teacher "

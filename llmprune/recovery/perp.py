@@ -78,19 +78,22 @@ def _layer_classes() -> tuple[type, type]:
             prod = self.lora_B[adapter].weight @ self.lora_A[adapter].weight  # (out, in)
             return prod.t() if self.fan_in_fan_out else prod
 
+        def _masked_product(self, adapter: str, dtype: torch.dtype) -> Tensor:
+            """``BA ⊙ keep``: one pass over the matrix (it is rebuilt in every forward)."""
+            return torch.where(self.keep_mask, self._product(adapter).to(dtype), 0.0)
+
         def get_delta_weight(self, adapter: str) -> Tensor:
             if self.keep_mask is None:
                 return super().get_delta_weight(adapter)
-            delta = self._product(adapter) * self.scaling[adapter]
-            return delta.masked_fill(~self.keep_mask, 0.0)
+            prod = self._masked_product(adapter, self.lora_B[adapter].weight.dtype)
+            return prod * self.scaling[adapter]
 
         def _effective_weight(self) -> Tensor:
-            """``W + s·(BA ⊙ keep)`` in two passes over the matrix (a where, a scaled add): it is built in
-            every forward, so it costs the fewest full-size temporaries (merging uses the formula above)."""
+            """``W + s·(BA ⊙ keep)``, the merge's formula, with the scale folded into the add."""
             weight = self.get_base_layer().weight
             for adapter in self.active_adapters:
                 if adapter in self.lora_A:
-                    masked = torch.where(self.keep_mask, self._product(adapter).to(weight.dtype), 0.0)
+                    masked = self._masked_product(adapter, weight.dtype)
                     weight = torch.add(weight, masked, alpha=self.scaling[adapter])
             return weight
 
