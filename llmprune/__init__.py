@@ -12,8 +12,7 @@ from llmprune.io.models import load_model
 from llmprune.registry import available_solvers, get_solver, register_solver
 from llmprune.result import PruneResult
 from llmprune.spec import NMPattern, SparsitySpec
-
-__version__ = "0.1.0"
+from llmprune.version import __version__
 
 __all__ = [
     "ConfigError",
@@ -23,6 +22,7 @@ __all__ = [
     "NMPattern",
     "PruneResult",
     "SparsitySpec",
+    "__version__",
     "available_solvers",
     "get_solver",
     "load_model",

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +23,12 @@ import torch
 from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import prune_blocks
-from llmprune.calibration.resume import discard_progress
+from llmprune.calibration.resume import Progress, discard_progress, run_fingerprint
 from llmprune.calibration.settings import calibration_ids, engine_config, is_model_path
 from llmprune.calibration.weights_only import prune_weights_only
-from llmprune.io.models import load_model, resolve_device
+from llmprune.io.atomic import temp_path
+from llmprune.io.models import load_model, resolve_device, resolve_dtype
+from llmprune.io.save import check_output_dir, save_pruned, save_streamed
 from llmprune.result import PruneResult
 
 log = logging.getLogger(__name__)
@@ -105,63 +109,95 @@ def prune(
         resume=resume,
         options=solver_args,
     )
-    if streaming:
-        from llmprune.calibration.streaming import stream_blocks
-
-        return stream_blocks(
-            model,
-            tokenizer,
-            cfg,
-            output_dir=output_dir,
-            dataset=dataset,
-            num_calibration_samples=num_calibration_samples,
-            max_seq_length=max_seq_length,
-            device=device,
-            dtype=dtype,
-            recipe=recipe,
-            run_info=run_info,
-            trust_remote_code=trust_remote_code,
-        )
-    if is_model_path(model):
-        model, tokenizer = load_model(
-            str(model), dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
-    cfg.device = resolve_device(device) if device not in (None, "auto") else next(model.parameters()).device
     comm = current_comm()
+    source = folder = None
+    if streaming:  # the model stays on disk: a skeleton in memory, its blocks read one at a time
+        from llmprune.calibration.streaming import open_streamed
+
+        cfg.device = resolve_device(device)
+        model, tokenizer, source, folder = open_streamed(
+            model, tokenizer, resolve_dtype(dtype, cfg.device), trust_remote_code
+        )
+        if comm.is_main:
+            check_output_dir(Path(output_dir).expanduser(), model)
+    else:
+        if is_model_path(model):
+            model, tokenizer = load_model(
+                str(model), dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
+        in_place = next(model.parameters()).device
+        cfg.device = resolve_device(device) if device not in (None, "auto") else in_place
     torch.manual_seed(seed)
     start = time.perf_counter()
     selection = cfg.selection
     data_free = not cfg.solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
     result = PruneResult(method=method, sparsity=str(selection.default), options=dict(solver_args), seed=seed)
-    if data_free:
-        if cfg.checkpoint_dir is not None:
-            log.info("%s reads only the weights and takes seconds: no progress is recorded", method)
-        prune_weights_only(model, cfg, result)
-    else:
-        input_ids = calibration_ids(
-            model, dataset, tokenizer, num_calibration_samples, max_seq_length, seed, comm
+    checkpoint = None  # where a streamed run records its pruned blocks
+    try:
+        if data_free:
+            if cfg.checkpoint_dir is not None:
+                log.info("%s reads only the weights and takes seconds: no progress is recorded", method)
+            if streaming:  # the pruned blocks still have to be written somewhere as they finish
+                checkpoint = _open_checkpoint(None, False, output_dir, comm, {})
+            prune_weights_only(model, cfg, result, source=source, checkpoint=checkpoint)
+        else:
+            input_ids = calibration_ids(
+                model, dataset, tokenizer, num_calibration_samples, max_seq_length, seed, comm
+            )
+            result.calibration_hash = tokens_hash(input_ids)
+            result.num_calibration_samples, result.max_seq_length = map(int, input_ids.shape)
+            if streaming:
+                fingerprint = run_fingerprint(cfg, model, input_ids, len(source.blocks), cfg.device)
+                checkpoint = _open_checkpoint(cfg.checkpoint_dir, cfg.resume, output_dir, comm, fingerprint)
+            if streaming or not selection.default.is_dense or selection.overrides:
+                prune_blocks(model, input_ids, cfg, result, source=source, checkpoint=checkpoint)
+        result.seconds = time.perf_counter() - start
+        log.info(
+            "%s %s: %.2f%% of %d block Linears pruned in %.1fs",
+            method,
+            result.sparsity,
+            100 * result.overall_sparsity,
+            len(result.modules),
+            result.seconds,
         )
-        result.calibration_hash = tokens_hash(input_ids)
-        result.num_calibration_samples, result.max_seq_length = map(int, input_ids.shape)
-        if not selection.default.is_dense or selection.overrides:
-            prune_blocks(model, input_ids, cfg, result)
-    result.seconds = time.perf_counter() - start
-    log.info(
-        "%s %s: %.2f%% of %d block Linears pruned in %.1fs",
-        method,
-        result.sparsity,
-        100 * result.overall_sparsity,
-        len(result.modules),
-        result.seconds,
-    )
+        if output_dir is not None and comm.is_main:
+            if streaming:
+                num = len(source.blocks)
+                save_streamed(
+                    model,
+                    tokenizer,
+                    output_dir,
+                    result=result,
+                    block_files=[checkpoint.block_file(i) for i in range(num)],
+                    keep_mask_files=[checkpoint.keep_masks_file(i) for i in range(num)],
+                    source_folder=folder,
+                    recipe=recipe,
+                    run_info=run_info,
+                )
+            else:
+                save_pruned(model, tokenizer, output_dir, result=result, recipe=recipe, run_info=run_info)
+    except BaseException:
+        if streaming and checkpoint is not None and not checkpoint.resumable and comm.is_main:
+            shutil.rmtree(checkpoint.folder, ignore_errors=True)  # nothing to resume from: no half model left
+        raise
     if output_dir is not None:
-        from llmprune.io.save import save_pruned
-
-        if comm.is_main:
-            save_pruned(model, tokenizer, output_dir, result=result, recipe=recipe, run_info=run_info)
-        discard_progress(cfg.checkpoint_dir, comm)
+        if checkpoint is not None:
+            checkpoint.discard()
+        else:
+            discard_progress(cfg.checkpoint_dir, comm)
     elif cfg.checkpoint_dir is not None and comm.is_main:
         log.debug(
             "progress kept in %s until the model is saved (discard_progress removes it)", cfg.checkpoint_dir
         )
     return result
+
+
+def _open_checkpoint(
+    checkpoint_dir: str | None, resume: bool, output_dir: str | os.PathLike, comm, fingerprint: dict[str, Any]
+) -> Progress:
+    """Where a streamed run's pruned blocks go as they finish: ``checkpoint_dir`` (resumable), else a
+    temporary folder beside ``output_dir`` that the final save hard-links from and then removes."""
+    if checkpoint_dir is not None:
+        return Progress.open(checkpoint_dir, comm, fingerprint, resume=resume)
+    work = temp_path(Path(output_dir).expanduser(), "work-")
+    return Progress.open(work, comm, fingerprint, resume=False, resumable=False)

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,11 +39,12 @@ from typing import Any
 import yaml
 
 from llmprune.errors import ConfigError, did_you_mean
+from llmprune.io.atomic import write_text
 from llmprune.spec import ModuleSelection, SparsitySpec
+from llmprune.version import RECIPE_VERSION, __version__
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # pkg.mod:attr
 
 
@@ -167,23 +167,17 @@ class CalibrationSection:
     offload_dir: str | None = None  # where activations above max_memory go (None = a temporary folder)
 
     def __post_init__(self) -> None:
-        from llmprune.calibration.engine import parse_bytes
+        from llmprune.calibration.capture import check_spill_settings
 
         _str("calibration.dataset", self.dataset)
         _int("calibration.num_calibration_samples", self.num_calibration_samples, 1)
         _int("calibration.max_seq_length", self.max_seq_length, 2)
         _int("calibration.seed", self.seed, 0)
-        if self.max_memory is not None:
-            try:
-                parse_bytes(self.max_memory)
-            except ConfigError as exc:
-                raise _fail("calibration.max_memory", str(exc)) from None
-        elif self.offload_dir is not None:
-            raise _fail(
-                "calibration.offload_dir",
-                "activations go there only above max_memory, which is not set: set calibration.max_memory "
-                "too (0 keeps them all on disk), or drop offload_dir.",
-            )
+        try:
+            check_spill_settings(self.max_memory, self.offload_dir, keys="calibration.")
+        except ConfigError as exc:
+            where = "max_memory" if self.max_memory is not None else "offload_dir"
+            raise _fail(f"calibration.{where}", str(exc)) from None
         _str("calibration.offload_dir", self.offload_dir)
 
 
@@ -393,24 +387,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        from llmprune import __version__
-
         body = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
         return f"# llmprune {__version__} recipe (resolved: every value the run used)\n{body}"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``to_yaml()`` atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.to_yaml())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text(path, self.to_yaml(), durable=False)
 
     # ---- overlays
     def with_overrides(self, values: Mapping[str, Any]) -> Recipe:

@@ -11,37 +11,23 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from llmprune.errors import ConfigError
+from llmprune.io.atomic import atomic_write
 from llmprune.result import PruneResult
 from llmprune.spec import SparsitySpec
+from llmprune.version import __version__
 
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 _COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
 
 
 # --------------------------------------------------------------------------- atomic files
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Run ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=False)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -146,7 +132,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), durable=False)
 
 
 def _module_kind(name: str) -> str:
@@ -271,8 +257,6 @@ def write_report(
     if prune_result is not None and "prune" not in record:
         record["prune"] = prune_result.to_dict()
     if "llmprune_version" not in record:
-        from llmprune import __version__
-
         record = {"llmprune_version": __version__, **record}
     record = _jsonable(record)  # the summary shows exactly what the JSON holds (NaN as –)
     written["results"] = write_json(out / "results.json", record)

@@ -6,7 +6,7 @@
 
 Memory: random-weight Llama checkpoints (hidden 768, intermediate 2048, vocabulary 512) with more and
 more blocks, pruned with Wanda 2:4 in a fresh process each, in memory (``load_model`` + ``prune``) and
-streaming (``prune_streaming``). Each process first prunes a tiny model (so imports and code paths are
+streaming (``prune(streaming=True)``). Each process first prunes a tiny model (so imports and code paths are
 warm), then resets the kernel's peak-RSS counter; the figure is the peak resident set above that
 baseline, i.e. what the model itself costs.
 
@@ -78,7 +78,6 @@ def memory_child(mode: str, model: str, tiny: str) -> dict:
 
     torch.set_num_threads(1)
     import llmprune
-    from llmprune.calibration.streaming import prune_streaming
 
     ids = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(1))
     kw = dict(method="wanda", sparsity="2:4", dataset=ids, num_calibration_samples=8, max_seq_length=128,
@@ -86,7 +85,7 @@ def memory_child(mode: str, model: str, tiny: str) -> dict:
 
     def run(path: str, out: str) -> None:
         if mode == "streaming":
-            prune_streaming(path, output_dir=out, **kw)
+            llmprune.prune(path, streaming=True, output_dir=out, **kw)
         else:
             m = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
             llmprune.prune(m, None, **kw)

@@ -99,7 +99,7 @@ def test_magnitude_needs_no_data_and_runs_no_forward():
 @pytest.mark.parametrize("shape", [(5, 16), (3, 4, 4), (1, 1000)])
 def test_selection_breaks_ties_like_a_stable_sort(shape):
     """The linear-time selection must prune exactly what a stable ascending sort would."""
-    from llmprune.solvers.masks import _prune_lowest
+    from llmprune.solvers.masks import keep_all_but_lowest
 
     gen = torch.Generator().manual_seed(0)
     for count in range(0, shape[-1] + 1, max(1, shape[-1] // 7)):
@@ -107,4 +107,4 @@ def test_selection_breaks_ties_like_a_stable_sort(shape):
         expected = torch.ones_like(scores, dtype=torch.bool)
         if count:
             expected.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :count], False)
-        assert torch.equal(_prune_lowest(scores, count), expected)
+        assert torch.equal(keep_all_but_lowest(scores, count), expected)

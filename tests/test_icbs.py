@@ -6,22 +6,84 @@ import itertools
 
 import pytest
 import torch
+from conftest import make_model
+from torch import Tensor
 
+import llmprune
 from llmprune.errors import ConfigError
 from llmprune.registry import get_solver
-from llmprune.solvers.icbs import (
-    _Descent,
-    block_qubo,
-    mask_objective,
-    refine,
-    refine_mask,
-    refit_kept,
-    ridged_hessian,
-)
+from llmprune.solvers.icbs import _Descent, block_qubo, refine, refit_kept, ridged_hessian
 from llmprune.solvers.masks import nm_violations
-from llmprune.solvers.qubo import anneal, exhaustive_minimum, qubo_energy
+from llmprune.solvers.qubo import anneal
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, LayerStats, reconstruction_error
 from llmprune.spec import SparsitySpec
+
+
+def qubo_energy(q: Tensor, x: Tensor, linear: Tensor | None = None) -> Tensor:
+    """``x^T Q x + c^T x`` in float64, for several x per Q at once.
+
+    q: (batch, B, B) symmetric; x: (batch, B) or (batch, S, B); linear: (batch, B). -> (batch,) or
+    (batch, S).
+    """
+    q64 = q.to(torch.float64)
+    single = x.dim() == q.dim() - 1
+    x64 = (x.unsqueeze(-2) if single else x).to(torch.float64)  # (batch, S, B)
+    energy = (torch.bmm(x64, q64) * x64).sum(-1)  # (batch, S)
+    if linear is not None:
+        energy = energy + (x64 * linear.to(torch.float64).unsqueeze(-2)).sum(-1)
+    return energy.squeeze(-1) if single else energy
+
+
+def _feasible_points(counts: list[int], group_size: int) -> Tensor:
+    """Every 0/1 vector with ``counts[g]`` ones in aligned group g. -> (points, groups * group_size)."""
+    per_group = []
+    for count in counts:
+        rows = []
+        for ones in itertools.combinations(range(group_size), count):
+            row = [0.0] * group_size
+            for j in ones:
+                row[j] = 1.0
+            rows.append(row)
+        per_group.append(rows)
+    points = [sum(parts, []) for parts in itertools.product(*per_group)]
+    return torch.tensor(points, dtype=torch.float64)
+
+
+def exhaustive_minimum(
+    q: Tensor, counts: int | list[int], linear: Tensor | None = None, group_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Brute-force optimum over all feasible x (the independent reference; tiny B only).
+
+    q: (batch, B, B); ``counts`` ones in total, or ``counts[g]`` in each aligned group of ``group_size``.
+    Returns x (batch, B) float64 and its energy (batch,) float64.
+    """
+    width = q.shape[-1]
+    size = group_size or width
+    per_group = [counts] if isinstance(counts, int) else list(counts)
+    points = _feasible_points(per_group, size)  # (P, B)
+    q64 = q.to(torch.float64)
+    energy = torch.einsum("pi,bij,pj->bp", points, q64, points)  # (batch, P)
+    if linear is not None:
+        energy = energy + linear.to(torch.float64) @ points.T
+    best = energy.argmin(-1)
+    return points[best], energy.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+
+
+def mask_objective(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-row loss ``(w∘x)^T H (w∘x)`` of pruning ``~keep`` without weight update. -> (out,) float64."""
+    pruned = weight.to(torch.float64).masked_fill(keep, 0.0)  # (out, in)
+    return ((pruned @ hessian.to(torch.float64)) * pruned).sum(-1)
+
+
+def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, **options) -> torch.Tensor:
+    """Mask-only :func:`refine` (the paper's iCBS, weights unchanged): the refined keep-mask."""
+    return refine(weight, hessian, keep, **options)[0]
+
+
+def _icbs(problem: LayerProblem, seed: int = 0, **options):
+    """The registered solver with torch seeded first, as the engine seeds it for every module."""
+    torch.manual_seed(seed)
+    return get_solver("icbs")(problem, **options)
 
 
 def _correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
@@ -99,7 +161,7 @@ def test_layer_loss_never_rises_with_steps_and_beats_wanda():
         problem = _problem(6, 32, 0.5, seed=seed)
         wanda_error = _error(problem, get_solver("wanda")(problem).keep)
         errors = [
-            _error(problem, get_solver("icbs")(problem, steps=s, block_size=8, ridge=0.0, update=False).keep)
+            _error(problem, _icbs(problem, steps=s, block_size=8, ridge=0.0, update=False).keep)
             for s in (0, 1, 2, 5, 10)
         ]
         assert errors[0] == pytest.approx(wanda_error, rel=1e-12)
@@ -162,7 +224,7 @@ def test_finds_the_brute_force_optimal_mask_of_a_row():
             delta[list(pruned)] = w[list(pruned)]
             losses[pruned] = float(((x_in @ delta) ** 2).mean())
         optimum = min(losses.values())
-        keep = get_solver("icbs")(problem, **THOROUGH).keep
+        keep = _icbs(problem, **THOROUGH).keep
         assert int((~keep).sum()) == 4
         assert losses[tuple(torch.nonzero(~keep[0]).flatten().tolist())] == pytest.approx(optimum, rel=1e-9)
         wanda_keep = get_solver("wanda")(problem).keep
@@ -194,7 +256,7 @@ def test_negative_couplings_are_exploited():
     best = min(itertools.combinations(range(8), 4), key=loss)
     assert {0, 1} <= set(best)
     assert get_solver("wanda")(problem).keep[0, :2].all()
-    keep = get_solver("icbs")(problem, **THOROUGH).keep
+    keep = _icbs(problem, **THOROUGH).keep
     assert tuple(torch.nonzero(~keep[0]).flatten().tolist()) == best
 
 
@@ -202,7 +264,7 @@ def test_negative_couplings_are_exploited():
 def test_unstructured_counts_per_row_are_the_init_masks(init):
     problem = _problem(8, 40, 0.6, seed=1)
     init_keep = get_solver(init)(problem).keep
-    result = get_solver("icbs")(problem, init=init, steps=6, block_size=12, update=False)
+    result = _icbs(problem, init=init, steps=6, block_size=12, update=False)
     assert torch.equal(result.keep.sum(1), init_keep.sum(1))
     assert result.weight is None
 
@@ -211,7 +273,7 @@ def test_unstructured_counts_per_row_are_the_init_masks(init):
 def test_nm_patterns_stay_valid(pattern):
     spec = SparsitySpec.parse(pattern)
     problem = _problem(6, 32, pattern, seed=2)
-    keep = get_solver("icbs")(problem, steps=6, block_size=16, ridge=0.0, update=False).keep
+    keep = _icbs(problem, steps=6, block_size=16, ridge=0.0, update=False).keep
     assert nm_violations(keep, spec.pattern) == 0
     assert (keep.view(6, -1, spec.pattern.m).sum(-1) == spec.pattern.n).all()
     assert _error(problem, keep) <= _error(problem, get_solver("wanda")(problem).keep) * (1 + 1e-12)
@@ -219,16 +281,43 @@ def test_nm_patterns_stay_valid(pattern):
 
 def test_deterministic_for_a_seed():
     problem = _problem(6, 32, 0.5, seed=4)
-    first = get_solver("icbs")(problem, steps=5, block_size=8, seed=3).keep
-    again = get_solver("icbs")(problem, steps=5, block_size=8, seed=3).keep
+    first = _icbs(problem, seed=3, steps=5, block_size=8).keep
+    again = _icbs(problem, seed=3, steps=5, block_size=8).keep
     assert torch.equal(first, again)
 
 
-def test_frozen_fraction_and_time_budget_keep_the_mask_valid():
+def test_the_run_seed_reaches_icbs(token_ids):
+    """Through the engine: one run seed gives one set of masks, two seeds give two (the annealer draws
+    from the per-module generator the engine seeds from the run seed and the module name)."""
+
+    def masks(seed: int) -> dict[str, torch.Tensor]:
+        kw = dict(dataset=token_ids, num_calibration_samples=6, max_seq_length=24, progress=False)
+        opts = dict(steps=6, block_size=8, update=False, ridge=0.0, beta_range=(0.1, 1.0))
+        return llmprune.prune(make_model("llama"), None, method="icbs", seed=seed, **kw, **opts).keep_masks
+
+    first, again, other = masks(1), masks(1), masks(2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_time_budget_stops_the_descent():
+    """A budget smaller than one step leaves the init mask as it is; without it the descent moves it."""
     problem = _problem(6, 32, 0.5, seed=6)
     wanda_keep = get_solver("wanda")(problem).keep
-    for options in ({"frozen_fraction": 0.5}, {"time_budget": 1e-9}, {"restarts": 3, "sweeps": 1}):
-        keep = get_solver("icbs")(problem, steps=4, block_size=8, ridge=0.0, update=False, **options).keep
+    options = dict(steps=4, block_size=8, ridge=0.0, update=False)
+    assert not torch.equal(_icbs(problem, **options).keep, wanda_keep)
+    assert torch.equal(_icbs(problem, time_budget=1e-9, **options).keep, wanda_keep)
+    history: list[float] = []
+    refine(problem.weight, problem.stats.hessian, wanda_keep, steps=4, block_size=8, time_budget=1e-9,
+           history=history)  # fmt: skip
+    assert len(history) == 1  # the loss before step 0, and no step after it
+
+
+def test_frozen_fraction_and_restarts_keep_the_mask_valid():
+    problem = _problem(6, 32, 0.5, seed=6)
+    wanda_keep = get_solver("wanda")(problem).keep
+    for options in ({"frozen_fraction": 0.5}, {"restarts": 3, "sweeps": 1}):
+        keep = _icbs(problem, steps=4, block_size=8, ridge=0.0, update=False, **options).keep
         assert torch.equal(keep.sum(1), wanda_keep.sum(1))
         assert _error(problem, keep) <= _error(problem, wanda_keep) * (1 + 1e-12)
 
@@ -236,8 +325,8 @@ def test_frozen_fraction_and_time_budget_keep_the_mask_valid():
 def test_update_reconstructs_kept_weights():
     """update=False then a separate fixed-mask reconstruction must not beat update=True from the same init."""
     problem = _problem(6, 32, 0.5, seed=8, tokens=128)
-    plain = get_solver("icbs")(problem, steps=4, block_size=8, update=False, ridge=0.0)
-    updated = get_solver("icbs")(problem, steps=4, block_size=8, init="wanda", ridge=0.0)
+    plain = _icbs(problem, steps=4, block_size=8, update=False, ridge=0.0)
+    updated = _icbs(problem, steps=4, block_size=8, init="wanda", ridge=0.0)
     assert torch.equal(updated.keep.sum(1), plain.keep.sum(1))
     assert (updated.weight[~updated.keep] == 0).all()
     assert not torch.signbit(updated.weight[~updated.keep]).any()
@@ -320,7 +409,7 @@ def test_update_mode_is_monotone_and_never_worse_than_sparsegpt(spec):
     assert history[-1] < reconstruction_error(problem.weight, start.weight, h)
     assert torch.equal(keep.sum(1), start.keep.sum(1))
     assert torch.equal(new != 0, keep)
-    result = get_solver("icbs")(problem, steps=6, block_size=8)
+    result = _icbs(problem, steps=6, block_size=8)
     assert reconstruction_error(problem.weight, result.weight, h) < reconstruction_error(
         problem.weight, start.weight, h
     )
@@ -328,7 +417,7 @@ def test_update_mode_is_monotone_and_never_worse_than_sparsegpt(spec):
 
 def test_dense_target_keeps_everything():
     problem = _problem(3, 8, 0.0)
-    assert get_solver("icbs")(problem).keep.all()
+    assert _icbs(problem).keep.all()
 
 
 @pytest.mark.parametrize(
@@ -346,10 +435,13 @@ def test_dense_target_keeps_everything():
 )
 def test_bad_options_name_the_fix(options):
     with pytest.raises(ConfigError, match="icbs"):
-        get_solver("icbs")(_problem(2, 8, 0.5), **options)
+        _icbs(_problem(2, 8, 0.5), **options)
 
 
 def test_registered_with_its_options():
     info = get_solver("icbs")
     assert info.needs == frozenset({SQ_NORMS, HESSIAN})
-    assert {"init", "steps", "block_size", "restarts", "seed", "time_budget", "update"} <= set(info.options())
+    assert {"init", "steps", "block_size", "restarts", "time_budget", "update"} <= set(info.options())
+    assert "seed" not in info.options()  # the run's seed drives iCBS: no option to contradict it
+    with pytest.raises(ConfigError, match="frozen_fraction"):  # values are checked before any work
+        info.check_options({"frozen_fraction": 2.0})

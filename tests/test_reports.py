@@ -11,6 +11,7 @@ import pytest
 
 from llmprune import reports
 from llmprune.errors import ConfigError
+from llmprune.io.atomic import atomic_write
 from llmprune.result import BlockReport, ModuleReport, PruneResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +89,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        reports._atomic(target, boom)
+        atomic_write(target, boom)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 

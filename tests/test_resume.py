@@ -23,7 +23,7 @@ import llmprune
 from llmprune.calibration import resume
 from llmprune.calibration.engine import BlockSource, EngineConfig, prune_blocks
 from llmprune.calibration.resume import default_checkpoint_dir, resolve_checkpoint_dir
-from llmprune.calibration.streaming import StreamingBlocks, prune_streaming
+from llmprune.calibration.streaming import StreamingBlocks
 from llmprune.errors import ConfigError
 from llmprune.io.save import load_keep_masks
 from llmprune.registry import get_solver
@@ -154,19 +154,20 @@ _CHILD = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from llmprune.calibration import resume
-    from llmprune.calibration.streaming import prune_streaming
+    import llmprune
 
-    real = resume._atomic
+    real = resume.atomic_write
 
     def slow(path, write, durable=True):  # widen the window between a block's files and the state
         if path.name == "state.json":
             time.sleep(0.5)
-        real(path, write, durable)
+        real(path, write, durable=durable)
 
-    resume._atomic = slow
+    resume.atomic_write = slow
     ids = torch.load(sys.argv[3])
-    prune_streaming(sys.argv[1], output_dir=sys.argv[2], method=sys.argv[4], sparsity="2:4", dataset=ids,
-                    num_calibration_samples=6, max_seq_length=16, batch_size=2, progress=False, resume=True)
+    llmprune.prune(sys.argv[1], streaming=True, output_dir=sys.argv[2], method=sys.argv[4], sparsity="2:4",
+                   dataset=ids, num_calibration_samples=6, max_seq_length=16, batch_size=2, progress=False,
+                   resume=True)
     """
 )
 
@@ -222,8 +223,9 @@ def test_sigkill_mid_run_then_resume_gives_the_same_model(tmp_path, monkeypatch)
     monkeypatch.setattr(
         StreamingBlocks, "load", lambda self, i, b, d: (loads.append(i), real_load(self, i, b, d))
     )
-    resumed = prune_streaming(
+    resumed = llmprune.prune(
         src,
+        streaming=True,
         output_dir=out,
         method=HESSIAN_METHOD,
         sparsity="2:4",

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llmprune.errors import ConfigError
+from llmprune.io import atomic as atomic_mod
 from llmprune.io import save as save_mod
 from llmprune.io.save import load_keep_masks, pack_bits, save_pruned, unpack_bits
 from llmprune.result import BlockReport, ModuleReport, PruneResult
@@ -224,11 +225,12 @@ def test_failed_swap_restores_the_old_folder(tmp_path, monkeypatch):
     real_rename = os.rename
 
     def rename(src, dst):
-        if ".tmp-" in str(src):  # the new folder moving into place
+        name = Path(src).name  # the new folder moving into place (not the old one moving back)
+        if name.startswith(".llmprune-tmp-") and "-old-" not in name:
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(save_mod.os, "rename", rename)
+    monkeypatch.setattr(atomic_mod.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         save_pruned(tiny_llama(1), None, out)
     assert _snapshot(out) == before

@@ -15,7 +15,7 @@ from llmprune.solvers import hessian as hessian_module
 from llmprune.solvers import sparsegpt as sparsegpt_module
 from llmprune.solvers.hessian import damped_inverse_cholesky
 from llmprune.solvers.masks import nm_violations
-from llmprune.solvers.sparsegpt import reconstruct_with_mask, sparsegpt
+from llmprune.solvers.sparsegpt import reconstruct_with_keep, sparsegpt
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, LayerStats, reconstruction_error
 from llmprune.spec import SparsitySpec
 
@@ -96,7 +96,7 @@ def test_single_pruned_first_weight_is_the_obs_update():
     keep[0, 0] = False
     hinv = torch.linalg.inv(_damped(h))
     expected = w.to(F64) - w[0, 0].double() / hinv[0, 0] * hinv[:, 0]
-    got = reconstruct_with_mask(w, h, keep)
+    got = reconstruct_with_keep(w, h, keep)
     assert got[0, 0].item() == 0.0
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
@@ -113,7 +113,7 @@ def test_single_pruned_later_weight_updates_only_later_columns(q):
     sub_inv = torch.linalg.inv(_damped(h)[q:, q:])
     expected = w.to(F64).clone()
     expected[0, q:] -= w[0, q].double() / sub_inv[0, 0] * sub_inv[:, 0]
-    torch.testing.assert_close(reconstruct_with_mask(w, h, keep).double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reconstruct_with_keep(w, h, keep).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_one_of_n_picks_the_cheapest_obs_weight():
@@ -139,7 +139,7 @@ def test_prefix_masks_reach_the_least_squares_optimum():
     h = LayerStats.from_inputs(x, {HESSIAN}).hessian
     lam = frac * h.diagonal().double().mean()
     keep = torch.arange(width).unsqueeze(0) >= torch.tensor([[1], [3], [5], [8]])  # prefix per row
-    got = reconstruct_with_mask(w, h, keep, block_size=width, dampening_frac=frac)
+    got = reconstruct_with_keep(w, h, keep, block_size=width, dampening_frac=frac)
     xd = x.to(F64) / math.sqrt(tokens)
     for r in range(4):
         k = keep[r]
@@ -159,7 +159,7 @@ def test_any_fixed_mask_is_no_better_than_least_squares_and_matches_direct_solve
     expected, _ = _reference_sparsegpt(w, _damped(h), fixed=keep)
     hd = _damped(h)
     for block in (1, 2, 5, 12, 128):  # lazy batch updates must not change the result
-        got = reconstruct_with_mask(w, h, keep, block_size=block)
+        got = reconstruct_with_keep(w, h, keep, block_size=block)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
     # the per-row least-squares optimum (damped objective) is a lower bound
     for r in range(5):
@@ -353,7 +353,7 @@ def test_hopeless_hessian_falls_back_to_its_diagonal(caplog):
     h = torch.tensor([[1.0, 1e6], [1e6, 1.0]])
     w = torch.tensor([[3.0, -2.0], [0.5, 4.0]])
     with caplog.at_level(logging.WARNING, logger="llmprune.solvers.hessian"):
-        got = reconstruct_with_mask(w, h, torch.tensor([[True, False], [False, True]]))
+        got = reconstruct_with_keep(w, h, torch.tensor([[True, False], [False, True]]))
     assert "diagonal" in caplog.text
     assert torch.equal(got, torch.tensor([[3.0, 0.0], [0.0, 4.0]]))  # no cross-channel update
 

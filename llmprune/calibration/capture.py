@@ -5,14 +5,17 @@ A forward pre-hook with ``with_kwargs=True`` records the block's positional and 
 forward, so the engine can replay blocks one at a time exactly as the model calls them.
 
 Hidden states are the bulk of the calibration memory (samples x length x width per block boundary).
-When they exceed a budget they live in a :class:`DiskList`: one ``torch.save`` file per batch, read
-back memory-mapped, so only the batch being computed is resident.
+When they exceed a budget (``max_memory``, read by :func:`parse_bytes`; :func:`spills` decides) they
+live in a :class:`DiskList`: one ``torch.save`` file per batch, read back memory-mapped, so only the
+batch being computed is resident.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -23,6 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from llmprune.errors import ConfigError
+from llmprune.io.atomic import remove_stale_temporaries, temp_path
+
+log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -37,8 +45,8 @@ class DiskList:
     Each replacement writes a new file and unlinks the old one, so a hard link elsewhere stays valid.
     """
 
-    def __init__(self, folder: str | Path | None = None) -> None:
-        self._owned = folder is None
+    def __init__(self, folder: str | Path | None = None, *, owned: bool | None = None) -> None:
+        self._owned = folder is None if owned is None else owned  # an owned folder goes on close()
         self.folder = Path(tempfile.mkdtemp(prefix="llmprune-acts-") if folder is None else folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._paths: list[Path] = []
@@ -79,11 +87,74 @@ class DiskList:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``4GB``, ``512MiB``, ``2e9`` or an int → bytes (``0``: every activation goes to disk)."""
+    size = value
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m and m.group(2).lower() in _UNITS:
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < float("inf"):
+        raise ConfigError(
+            f"cannot read memory size {value!r}: write e.g. 4GB, 512MiB, 2GiB or a number of bytes."
+        )
+    return int(size)
+
+
+def check_spill_settings(
+    max_memory: int | str | None, offload_dir: str | os.PathLike | None, keys: str = ""
+) -> None:
+    """``max_memory`` readable, and ``offload_dir`` only with it, for ``prune()`` and recipes alike
+    (``keys``: how the message names the settings, e.g. ``"calibration."`` for a recipe)."""
+    if max_memory is not None:
+        parse_bytes(max_memory)
+    elif offload_dir is not None:
+        raise ConfigError(
+            "offload_dir is where calibration activations go once they exceed max_memory, and max_memory "
+            f"is not set. Fix: set {keys}max_memory too (e.g. 8GB; 0 keeps them all on disk), or drop "
+            f"{keys}offload_dir."
+        )
+
+
+def spills(
+    max_memory: int | str | None, model: nn.Module, input_ids: Tensor, batch_size: int, batches: range
+) -> bool:
+    """Whether this rank's activations (block inputs and dense outputs) exceed ``max_memory``."""
+    if max_memory is None:
+        return False
+    samples = min(input_ids.shape[0], batches.stop * batch_size) - batches.start * batch_size
+    width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    need = 2 * samples * input_ids.shape[1] * width * model.get_input_embeddings().weight.element_size()
+    spill = need > parse_bytes(max_memory)
+    if spill:
+        log.info("calibration activations (%.2f GB) exceed max_memory: keeping them on disk", need / 1e9)
+    return spill
+
+
 def activation_list(spill: bool, folder: str | os.PathLike | None = None) -> list | DiskList:
-    """An in-memory list, or a :class:`DiskList` under ``folder`` (a temporary folder if None)."""
+    """An in-memory list, or a :class:`DiskList` in a fresh folder under ``folder`` (default: the
+    system's temporary folder), named as llmprune's temporaries are: one a killed run leaves behind is
+    removed by the next run that spills there."""
     if not spill:
         return []
-    return DiskList(None if folder is None else Path(folder) / f"acts-{uuid.uuid4().hex[:8]}")
+    parent = Path(tempfile.gettempdir() if folder is None else folder)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parent)
+    return DiskList(temp_path(parent / "acts"), owned=True)
 
 
 @dataclass

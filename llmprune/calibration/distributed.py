@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from llmprune.calibration.modules import WeightView
 from llmprune.calibration.stats import Node, StatsAccumulator, combine, dyadic_nodes
 from llmprune.errors import ConfigError
+from llmprune.io.masks import pack_bits, unpack_bits
 from llmprune.solvers.types import LayerStats
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,6 @@ class TorchComm(Comm):
     ) -> tuple[Tensor, Any]:
         """The mask travels 8 per byte; the weight only if the solver changed kept weights. Otherwise
         every rank applies the mask to the weight it already holds: the same bits, 1/32 of the traffic."""
-        from llmprune.io.save import pack_bits, unpack_bits
-
         box = [(report, updated) if self.rank == owner else None]
         self.dist.broadcast_object_list(
             box, src=owner, device=self.device if self.device.type != "cpu" else None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +41,12 @@ from llmprune.calibration.capture import (
     call_block,
     capture_block_inputs,
     move_outside_blocks,
+    spills,
 )
+from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import Comm, current_comm
 from llmprune.calibration.modules import WeightView, find_blocks, prunable_linears
+from llmprune.calibration.resume import Progress, run_fingerprint
 from llmprune.calibration.stats import StatsAccumulator
 from llmprune.errors import ConfigError
 from llmprune.registry import SolverInfo
@@ -63,7 +65,7 @@ class EngineConfig:
     true_sequential: bool = False
     batch_size: int = 8
     device: torch.device | None = None  # compute device; None = where the first block lives
-    progress: bool = True
+    progress: bool = True  # a tqdm bar (what records a run's state is a resume.Progress, `checkpoint`)
     seed: int = 0  # solvers' randomness derives from it, per module
     comm: Comm | None = (
         None  # None: the running torch.distributed group (or torchrun's variables), else one process
@@ -96,34 +98,6 @@ class BlockSource:
         home = self._home.pop(index, None)
         if home is not None and next(block.parameters()).device != home:
             block.to(home)
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
-
-
-def parse_bytes(value: int | float | str) -> int:
-    """``4GB``, ``512MiB``, ``2e9`` or an int → bytes (``0``: every activation goes to disk)."""
-    size = value
-    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
-    if m and m.group(2).lower() in _UNITS:
-        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < float("inf"):
-        raise ConfigError(
-            f"cannot read memory size {value!r}: write e.g. 4GB, 512MiB, 2GiB or a number of bytes."
-        )
-    return int(size)
 
 
 def _selected(block: nn.Module, prefix: str, selection: ModuleSelection) -> dict[str, nn.Module]:
@@ -331,19 +305,6 @@ def _solve_group(
         source.tidy()
 
 
-def _spill(cfg: EngineConfig, model: nn.Module, input_ids: Tensor, batches: range) -> bool:
-    """Whether this rank's activations (block inputs and dense outputs) exceed ``max_memory``."""
-    if cfg.max_memory is None:
-        return False
-    samples = min(input_ids.shape[0], batches.stop * cfg.batch_size) - batches.start * cfg.batch_size
-    width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
-    need = 2 * samples * input_ids.shape[1] * width * model.get_input_embeddings().weight.element_size()
-    spill = need > parse_bytes(cfg.max_memory)
-    if spill:
-        log.info("calibration activations (%.2f GB) exceed max_memory: keeping them on disk", need / 1e9)
-    return spill
-
-
 @torch.no_grad()
 def prune_blocks(
     model: nn.Module,
@@ -351,21 +312,18 @@ def prune_blocks(
     cfg: EngineConfig,
     result: PruneResult,
     source: BlockSource | None = None,
-    progress=None,
+    checkpoint: Progress | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with calibration tokens ``input_ids`` (N, L); fill ``result``.
 
-    ``source`` streams blocks from disk (see ``streaming.py``); ``progress`` is a ``resume.Progress``
-    (opened here from ``cfg.checkpoint_dir`` when not given).
+    ``source`` streams blocks from disk (see ``streaming.py``); ``checkpoint`` is the
+    ``resume.Progress`` that records finished blocks (opened here from ``cfg.checkpoint_dir`` when
+    not given).
     """
-    from llmprune.calibration.resume import Progress, run_fingerprint
-
     source = source or BlockSource()
     comm = cfg.comm or current_comm()
     if comm.world > 1:
         input_ids = comm.broadcast_tokens(input_ids)
-        from llmprune.calibration.data import tokens_hash
-
         result.calibration_hash = tokens_hash(input_ids)
     prefix, blocks = find_blocks(model)
     home = next(blocks[0].parameters()).device
@@ -380,11 +338,11 @@ def prune_blocks(
             "batch_size or use fewer processes."
         )
     local = comm.batch_range(num_batches)
-    if progress is None and cfg.checkpoint_dir is not None:
+    if checkpoint is None and cfg.checkpoint_dir is not None:
         fingerprint = run_fingerprint(cfg, model, input_ids, len(blocks), device)
-        progress = Progress.open(cfg.checkpoint_dir, comm, fingerprint, resume=cfg.resume)
-    start = progress.next_block if progress is not None else 0
-    spill = _spill(cfg, model, input_ids, local)
+        checkpoint = Progress.open(cfg.checkpoint_dir, comm, fingerprint, resume=cfg.resume)
+    start = checkpoint.next_block if checkpoint is not None else 0
+    spill = spills(cfg.max_memory, model, input_ids, cfg.batch_size, local)
     inputs = None
     if start < len(blocks):
         hidden = activation_list(spill, cfg.offload_dir)
@@ -392,7 +350,7 @@ def prune_blocks(
             model, blocks[0], input_ids, cfg.batch_size, batches=local, hidden=hidden, device=device
         )
     if start > 0:
-        progress.restore(lambda j: f"{prefix}.{j}", blocks, inputs, result, in_memory=not source.streaming)
+        checkpoint.restore(lambda j: f"{prefix}.{j}", blocks, inputs, result, in_memory=not source.streaming)
     bar = tqdm(
         total=len(blocks),
         initial=start,
@@ -440,8 +398,8 @@ def prune_blocks(
         num, den = comm.sum_per_batch(errors, local.start, num_batches) if modules else (0.0, 0.0)
         seconds = time.perf_counter() - t0
         result.blocks.append(BlockReport(i, f"{prefix}.{i}", seconds, num / den if den else 0.0))
-        if progress is not None:
-            progress.save_block(i, block, f"{prefix}.{i}", inputs, result, len(blocks))
+        if checkpoint is not None:
+            checkpoint.save_block(i, block, f"{prefix}.{i}", inputs, result, len(blocks))
             if source.streaming:  # on disk now: the masks of a model larger than memory are large too
                 for name in modules:
                     result.keep_masks.pop(name, None)

@@ -16,12 +16,15 @@ from torch import Tensor, nn
 from llmprune.errors import ConfigError
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_transposed(module: nn.Module) -> bool:
+    """True for GPT-2 style ``Conv1D``, whose weight is stored ``(in, out)``. By class name and its
+    ``nf`` attribute, so remote-code copies of Conv1D count too."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    """The one rule for what llmprune prunes (and recovery keeps masked): a Linear or a Conv1D."""
+    return isinstance(module, nn.Linear) or is_transposed(module)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
@@ -58,7 +61,12 @@ class WeightView:
 
     @property
     def transposed(self) -> bool:
-        return _is_conv1d(self.module)
+        return is_transposed(self.module)
+
+    def matrix(self) -> Tensor:
+        """The weight as an (out, in) view: no copy, its own dtype."""
+        w = self.module.weight.detach()
+        return w.t() if self.transposed else w
 
     def read(self) -> Tensor:
         """fp32 copy of the weight as (out, in)."""

@@ -26,11 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,11 @@ from llmprune.calibration.capture import BlockInputs, DiskList
 from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import Comm
 from llmprune.errors import ConfigError, ModelLoadError
+from llmprune.io.atomic import atomic_write, fsync_dir, fsync_file, link_or_copy, temp_path
+from llmprune.io.masks import load_keep_masks, save_keep_masks
+from llmprune.io.safetensors import save_tensors
 from llmprune.result import BlockReport, ModuleReport, PruneResult
+from llmprune.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,6 @@ def run_fingerprint(
     cfg, model: nn.Module, input_ids: Tensor, num_blocks: int, device: torch.device
 ) -> dict[str, Any]:
     """Everything that changes the pruned weights. ``cfg`` is the engine's ``EngineConfig``."""
-    import llmprune
-
     sel = cfg.selection
     config = {
         k: v
@@ -92,7 +92,7 @@ def run_fingerprint(
     }
     embeddings = model.get_input_embeddings().weight
     fp = {
-        "llmprune": llmprune.__version__,
+        "llmprune": __version__,
         "method": cfg.solver.name,
         "options": cfg.options,
         "sparsity": str(sel.default),
@@ -114,76 +114,6 @@ def run_fingerprint(
     }
     normal = json.dumps(fp, sort_keys=True, default=str)
     return json.loads(normal)  # JSON-normal form: compares equal to what a reload gives
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
-    """Write through a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    if durable:
-        _fsync(tmp)
-    os.replace(tmp, path)
-
-
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def write_safetensors(
-    path: Path,
-    layout: list[tuple[str, torch.dtype, list[int]]],
-    tensors: Iterable[Tensor],
-    metadata: dict[str, str],
-) -> None:
-    """Write a safetensors file tensor by tensor: ``layout`` first (the header needs every shape), then
-    ``tensors`` in the same order, each straight from its memory.
-
-    Why not ``safetensors.torch.save_file``: it serialises every tensor to a ``bytes`` copy first, which
-    for a block (or a model's masks) doubles the memory this module exists to save.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, dtype, shape in layout:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {
-            "dtype": _ST_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for (name, dtype, shape), t in zip(layout, tensors, strict=True):
-            if t.dtype != dtype or list(t.shape) != list(shape):
-                raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, header says {dtype} {shape}")
-            flat = t.detach().cpu().contiguous().reshape(-1)
-            fh.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
-
-
-def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    layout = [(k, t.dtype, list(t.shape)) for k, t in tensors.items()]
-    write_safetensors(path, layout, tensors.values(), {"format": "pt", **(metadata or {})})
 
 
 def block_tensors(block: nn.Module, name: str) -> dict[str, Tensor]:
@@ -252,7 +182,7 @@ class Progress:
     def block_file(self, index: int) -> Path:
         return self.folder / f"block-{index:05d}.safetensors"
 
-    def masks_file(self, index: int) -> Path:
+    def keep_masks_file(self, index: int) -> Path:
         return self.folder / f"block-{index:05d}.masks.safetensors"
 
     def _hidden_dir(self, index: int) -> Path:
@@ -271,15 +201,15 @@ class Progress:
     ) -> None:
         """Record pruned block ``index`` (named ``name``): weights and keep-masks always; the next
         block's inputs, the reports and the state too when resumable."""
-        from llmprune.io.save import save_keep_masks
-
         prefix = f"{name}."
         if self.comm.is_main:
             tensors = block_tensors(block, name)
-            _atomic(self.block_file(index), lambda p: save_tensors(p, tensors), self.resumable)
+            atomic_write(self.block_file(index), lambda p: save_tensors(p, tensors), durable=self.resumable)
             masks = {n: m for n, m in result.keep_masks.items() if n.startswith(prefix)}
             if masks:
-                _atomic(self.masks_file(index), lambda p: save_keep_masks(masks, p), self.resumable)
+                atomic_write(
+                    self.keep_masks_file(index), lambda p: save_keep_masks(masks, p), durable=self.resumable
+                )
         if not self.resumable:
             return
         nxt = index + 1
@@ -289,36 +219,32 @@ class Progress:
             for k in range(len(inputs)):
                 target = folder / f"b{inputs.first_batch + k:06d}.pt"
                 if isinstance(inputs.hidden, DiskList):  # already a file: link it, no copy
-                    tmp = target.with_name(f".{target.name}.tmp")
-                    tmp.unlink(missing_ok=True)
-                    try:
-                        os.link(inputs.hidden.path(k), tmp)
-                    except OSError:
-                        shutil.copyfile(inputs.hidden.path(k), tmp)
-                    _fsync(tmp)
+                    tmp = temp_path(target)
+                    link_or_copy(inputs.hidden.path(k), tmp)
+                    fsync_file(tmp)
                     os.replace(tmp, target)
                 else:
-                    _atomic(target, lambda p, t=inputs.hidden[k]: torch.save(t.detach().cpu(), p))
+                    atomic_write(target, lambda p, t=inputs.hidden[k]: torch.save(t.detach().cpu(), p))
         self.comm.barrier()  # every rank's activations are on disk before the state names them
         if self.comm.is_main:
             reports = {
                 "modules": [asdict(r) for n, r in result.modules.items() if n.startswith(prefix)],
                 "block": asdict(result.blocks[-1]),
             }
-            _atomic(
+            atomic_write(
                 self.folder / f"block-{index:05d}.json",
                 lambda p: p.write_text(json.dumps(reports), encoding="utf-8"),
             )
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
-            _atomic(self.folder / f"rng-{nxt:05d}.pt", lambda p: torch.save(rng, p))
+            atomic_write(self.folder / f"rng-{nxt:05d}.pt", lambda p: torch.save(rng, p))
             state = {"format": FORMAT, "next_block": nxt, "fingerprint": self.fingerprint}
-            _atomic(
+            atomic_write(
                 self.folder / "state.json",
                 lambda p: p.write_text(json.dumps(state, indent=1), encoding="utf-8"),
             )
-            _fsync(self.folder)
+            fsync_dir(self.folder)
         self.next_block = nxt
         self.comm.barrier()
         if self.comm.is_main:  # the previous boundary is no longer needed
@@ -340,8 +266,6 @@ class Progress:
         which streaming leaves on disk), then the next block's inputs and the RNG state."""
         from safetensors import safe_open
 
-        from llmprune.io.save import load_keep_masks
-
         for j in range(self.next_block):
             try:
                 reports = json.loads((self.folder / f"block-{j:05d}.json").read_text(encoding="utf-8"))
@@ -354,8 +278,8 @@ class Progress:
             result.blocks.append(BlockReport(**reports["block"]))
             if not in_memory:
                 continue
-            if self.masks_file(j).is_file():
-                result.keep_masks.update(load_keep_masks(self.masks_file(j)))
+            if self.keep_masks_file(j).is_file():
+                result.keep_masks.update(load_keep_masks(self.keep_masks_file(j)))
             prefix = name_of(j) + "."
             with safe_open(str(self.block_file(j)), framework="pt") as fh:
                 state = {k[len(prefix) :]: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118

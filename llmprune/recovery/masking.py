@@ -2,7 +2,8 @@
 
 One convention everywhere (as in ``SolverResult.keep``): a keep mask is a bool tensor of shape
 ``(out, in)``, True = the weight is kept. GPT-2 style ``Conv1D`` layers store their weight as
-``(in, out)``; :func:`weight_2d` hides that, so callers always see ``(out, in)``.
+``(in, out)``; :func:`weight_2d` hides that, so callers always see ``(out, in)``. What counts as
+prunable is ``calibration.modules.is_prunable``, the engine's own rule.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from llmprune.calibration.modules import find_blocks, is_prunable, is_transposed, prunable_linears
 from llmprune.errors import ConfigError, LlmpruneError
 
 
@@ -19,32 +21,14 @@ class SparsityViolation(LlmpruneError, RuntimeError):
     """A weight that the keep mask says is pruned is not exactly zero (or a kept one vanished)."""
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        return None
-    return Conv1D
-
-
-def is_transposed(module: nn.Module) -> bool:
-    """True for GPT-2 ``Conv1D``, whose weight is ``(in, out)``."""
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_transposed(module)
-
-
 def weight_2d(module: nn.Module) -> Tensor:
     """The module's weight as an ``(out, in)`` view (no copy)."""
     return module.weight.t() if is_transposed(module) else module.weight
 
 
-def to_weight_layout(module: nn.Module, mask: Tensor) -> Tensor:
-    """An ``(out, in)`` mask in the layout of ``module.weight``."""
-    return mask.t() if is_transposed(module) else mask
+def to_weight_layout(module: nn.Module, keep: Tensor) -> Tensor:
+    """An ``(out, in)`` keep mask in the layout of ``module.weight``."""
+    return keep.t() if is_transposed(module) else keep
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -52,8 +36,6 @@ def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     Never a hard-coded path such as ``model.model.layers``: the engine matches ``model._no_split_modules``.
     """
-    from llmprune.calibration.modules import find_blocks
-
     prefix, blocks = find_blocks(model)
     return [(f"{prefix}.{i}", block) for i, block in enumerate(blocks)]
 
@@ -62,9 +44,7 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear / Conv1D inside a decoder block, by full module name: the prunable layers."""
     out: dict[str, nn.Module] = {}
     for block_name, block in decoder_blocks(model):
-        for name, module in block.named_modules():
-            if is_prunable(module):
-                out[f"{block_name}.{name}"] = module
+        out.update({f"{block_name}.{name}": m for name, m in prunable_linears(block).items()})
     return out
 
 

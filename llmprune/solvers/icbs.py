@@ -1,30 +1,36 @@
 """iCBS (Rosenberg et al., arXiv 2411.17796): improve a one-shot mask by block coordinate descent.
 
-Weights keep their original values, so pruning the set ``x`` (x_j = 1: pruned) of one output row
-costs exactly ``x^T Q x`` with ``Q = (w w^T) ∘ H`` and ``H = mean x x^T`` (the layer-wise
-reconstruction loss ``||(W - Ŵ) X||^2 / tokens`` summed over rows). Rows are independent, so every
-row is improved at once, as one batch of tensors.
+Two modes share one descent (:func:`refine`); ``IcbsOptions.update`` picks one.
 
-Each step picks, per row, a block of B weights: the k pruned weights whose un-pruning would save the
-most and the B - k kept weights whose pruning would cost the least (with the rest of the row fixed,
-restoring a pruned j saves ``2 (Qx)_j - Q_jj``, pruning a kept j costs ``2 (Qx)_j + Q_jj``),
-skipping weights chosen in recent steps (tabu) and, optionally, a frozen fraction that is surely
-pruned or surely kept. With the rest of the row fixed, the block is a QUBO
-``min x^T Q_bb x + c^T x`` with ``c = 2 Q_bo x_o`` and ``sum x = k``, solved by simulated
-annealing over swap moves (``qubo.anneal``); a row takes the new assignment only if its exact fp64
-loss drops, so the layer loss never rises from step to step (step 0 is the one-shot mask: an
-anytime algorithm whose quality-time knob is ``steps`` or ``time_budget``). Negative couplings of
-Q are kept (the reference zeroes them): they are the interactions between weights that a one-shot
-score cannot see.
+* ``update=True`` (default): start from SparseGPT's mask *and* weights and descend on the loss of the
+  weights themselves, ``(w - ŵ) H (w - ŵ)^T`` per output row with ``H = mean x x^T`` (the layer-wise
+  reconstruction loss ``||(W - Ŵ) X||^2 / tokens``). A kept weight is worth its current ŵ, a pruned
+  one the value that best cancels the row's residual (one OBS re-add, ``g_j / H_jj``); every few
+  steps the kept weights are re-fitted to the per-row least-squares optimum by CG (:func:`refit_kept`).
+* ``update=False``: the paper's mask-only descent from Wanda's mask. Weights keep their original
+  values, so pruning the set ``x`` (x_j = 1: pruned) of one row costs exactly ``x^T Q x`` with
+  ``Q = (w w^T) ∘ H``.
+
+Rows are independent, so every row is improved at once, as one batch of tensors. Each step picks, per
+row, a block of B weights: the k pruned weights whose un-pruning would save the most and the B - k
+kept weights whose pruning would cost the least (with the rest of the row fixed, restoring a pruned j
+saves ``2 (Qx)_j - Q_jj``, pruning a kept j costs ``2 (Qx)_j + Q_jj``, Q built from each weight's
+value as above), skipping weights chosen in recent steps (tabu) and, optionally, a frozen fraction
+that is surely pruned or surely kept. With the rest of the row fixed, the block is a QUBO
+``min x^T Q_bb x + c^T x`` with ``c = 2 Q_bo x_o`` and ``sum x = k``, solved by simulated annealing
+over swap moves (``qubo.anneal``); a row takes the new assignment only if its exact fp64 loss drops,
+so the layer loss never rises from step to step (step 0 is the one-shot start: an anytime algorithm
+whose quality-time knob is ``steps`` or ``time_budget``). Negative couplings of Q are kept (the
+reference zeroes them): they are the interactions between weights that a one-shot score cannot see.
 
 N:M patterns: a block is made of whole aligned groups and swaps stay inside a group.
 
-Defaults (B = 32, k = B/4, 20 steps, 2 sweeps, 1 restart, beta 3 -> 300, ridge 0.5) were tuned on
-SmolLM2-135M layers (about 4 min of single-thread solving for the whole model). Without the ridge
-the calibration loss falls to a quarter of Wanda's, but a mask fitted that closely to a few
-thousand tokens does no better than Wanda's on other text; with it, the calibration loss is about
-0.26x Wanda's and held-out losses 0.6-0.9x. The paper's blocks are far larger (B = 4096) because
-it solves the whole model at once.
+Defaults (B = 32, k = B/4, 20 steps, 2 sweeps, 1 restart, beta 3 -> 300; ridge 0.1 with update, 0.5
+without, see ``DEFAULT_RIDGE``) were chosen on held-out layer losses of SmolLM2-135M. The ridge
+(the paper's λ) matters: without it the mask-only calibration loss falls to a quarter of Wanda's, but
+a mask fitted that closely to a few thousand tokens does no better than Wanda's on other text. The
+paper's blocks are far larger (B = 4096) because it solves the whole model at once. The annealer's
+randomness comes from torch's generator, which the engine seeds per module from the run's seed.
 
 Left out: the paper's full-model mode (a Fisher/gradient loss over all layers jointly, with a
 first-order term). In a block-sequential engine each solver minimises the layer-wise loss above,
@@ -33,9 +39,11 @@ which needs no gradients.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -54,12 +62,6 @@ _MARGIN = 1e-10
 _SPARSE_UPDATE = 96
 #: rows of block QUBOs annealed at once are capped so that rows x restarts x B^2 stays below this
 _MAX_QUBO_ENTRIES = 1 << 24
-
-
-def mask_objective(weight: Tensor, hessian: Tensor, keep: Tensor) -> Tensor:
-    """Per-row loss ``(w∘x)^T H (w∘x)`` of pruning ``~keep`` without weight update. -> (out,) float64."""
-    pruned = weight.to(torch.float64).masked_fill(keep, 0.0)  # (out, in)
-    return ((pruned @ hessian.to(torch.float64)) * pruned).sum(-1)
 
 
 def ridged_hessian(hessian: Tensor, ridge: float) -> Tensor:
@@ -327,8 +329,8 @@ def refine(
 ) -> tuple[Tensor, Tensor | None]:
     """Block coordinate descent on the keep-mask of ``weight`` (out, in) under ``hessian`` (in, in).
 
-    ``new_weight=None``: mask-only (the paper's), objective :func:`mask_objective` under
-    ``ridged_hessian(hessian, ridge)``; returns ``(keep, None)``. With ``new_weight`` (the init
+    ``new_weight=None``: mask-only (the paper's), objective ``(w∘x)^T H (w∘x)`` per row (x: pruned)
+    under ``ridged_hessian(hessian, ridge)``; returns ``(keep, None)``. With ``new_weight`` (the init
     solver's reconstructed weights, or the masked originals), the objective is the loss of the
     weights themselves, ``(w - ŵ) H (w - ŵ)^T``, mask and weights move together (kept weights are
     re-fitted by ``refit_iterations`` CG iterations every ``refit_every`` steps, twice that before the
@@ -403,107 +405,18 @@ def refine(
     return keep, (state.new.to(torch.float32).masked_fill(~keep, 0.0) if state.update else None)
 
 
-def refine_mask(weight: Tensor, hessian: Tensor, keep: Tensor, **options) -> Tensor:
-    """Mask-only :func:`refine` (the paper's iCBS, weights unchanged): the refined keep-mask."""
-    return refine(weight, hessian, keep, **options)[0]
-
-
 #: the ridge (in units of mean(diag H)) each mode defaults to, tuned on SmolLM2 layers' held-out loss
 DEFAULT_RIDGE = {False: 0.5, True: 0.1}
 
 
-def _check_options(
-    init: str | None,
-    steps: int,
-    block_size: int,
-    block_pruned: int | None,
-    sweeps: int,
-    restarts: int,
-    tabu_steps: int,
-    frozen_fraction: float,
-    ridge: float | None,
-    beta_range: tuple[float, float],
-    time_budget: float | None,
-    update: bool,
-    refit_iterations: int,
-    refit_every: int,
-) -> None:
-    def positive_int(name: str, value: object, low: int = 1) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"icbs option {name} must be an integer >= {low}, got {value!r}.")
-
-    if not isinstance(update, bool):
-        raise ConfigError(f"icbs option update must be true or false, got {update!r}.")
-    if init == "icbs":
-        raise ConfigError(
-            "icbs cannot start from its own mask: set init to a one-shot method such as 'sparsegpt' or "
-            "'wanda'."
-        )
-    positive_int("steps", steps, 0)
-    positive_int("block_size", block_size, 2)
-    positive_int("sweeps", sweeps)
-    positive_int("restarts", restarts)
-    positive_int("tabu_steps", tabu_steps, 0)
-    positive_int("refit_iterations", refit_iterations, 0)
-    positive_int("refit_every", refit_every, 0)
-    if block_pruned is not None:
-        positive_int("block_pruned", block_pruned)
-        if block_pruned >= block_size:
-            raise ConfigError(
-                f"icbs option block_pruned={block_pruned} must be smaller than block_size={block_size}: a "
-                "block needs both pruned and kept weights to swap."
-            )
-    if (
-        isinstance(frozen_fraction, bool)
-        or not isinstance(frozen_fraction, (int, float))
-        or not (0.0 <= frozen_fraction < 1.0)
-    ):
-        raise ConfigError(f"icbs option frozen_fraction must be in [0, 1), got {frozen_fraction!r}.")
-    if ridge is not None and (
-        isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf
-    ):
-        raise ConfigError(
-            f"icbs option ridge must be a finite number >= 0 (default {DEFAULT_RIDGE[True]} with update, "
-            f"{DEFAULT_RIDGE[False]} without), got {ridge!r}."
-        )
-    if (
-        not isinstance(beta_range, (tuple, list))
-        or len(beta_range) != 2
-        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in beta_range)
-        or not 0 < beta_range[0] <= beta_range[1] < math.inf
-    ):
-        raise ConfigError(
-            f"icbs option beta_range must be two numbers 0 < start <= end, e.g. [3, 300], got {beta_range!r}."
-        )
-    if time_budget is not None and (
-        isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not time_budget > 0
-    ):
-        raise ConfigError(
-            f"icbs option time_budget must be a number of seconds > 0 or None, got {time_budget!r}."
-        )
+def _int_option(name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"icbs option {name} must be an integer >= {low}, got {value!r}.")
 
 
-@register_solver("icbs", needs={SQ_NORMS, HESSIAN})
-def icbs(
-    problem: LayerProblem,
-    *,
-    init: str | None = None,
-    steps: int = 20,
-    block_size: int = 32,
-    block_pruned: int | None = None,
-    sweeps: int = 2,
-    restarts: int = 1,
-    tabu_steps: int = 2,
-    frozen_fraction: float = 0.0,
-    ridge: float | None = None,
-    beta_range: tuple[float, float] = (3.0, 300.0),
-    seed: int = 0,
-    time_budget: float | None = None,
-    update: bool = True,
-    refit_iterations: int = 5,
-    refit_every: int = 5,
-) -> SolverResult:
-    """iCBS: refine a one-shot mask by block coordinate descent on the layer loss (annealed QUBOs).
+@dataclass(frozen=True)
+class IcbsOptions:
+    """iCBS's knobs (``prune(method="icbs", **options)``, ``--option key=value``), checked on creation.
 
     ``update=True`` (default): mask and kept weights move together under the loss of the
     reconstructed weights, starting from ``init``'s mask and weights (default ``sparsegpt``); the
@@ -519,26 +432,102 @@ def icbs(
     paper's λ, in units of mean(diag H); default 0.1 with update, 0.5 without) adds
     ``ridge * mean(diag H) * |w - ŵ|^2`` to the loss: it keeps the search from fitting noise in the
     calibration Hessian. ``time_budget`` caps the seconds spent on steps per layer (results then
-    depend on machine speed). Sparsity per row (per N:M group) is the init mask's, exactly.
+    depend on machine speed).
     """
-    _check_options(
-        init,
-        steps,
-        block_size,
-        block_pruned,
-        sweeps,
-        restarts,
-        tabu_steps,
-        frozen_fraction,
-        ridge,
-        beta_range,
-        time_budget,
-        update,
-        refit_iterations,
-        refit_every,
-    )
-    init = init or ("sparsegpt" if update else "wanda")
-    ridge = DEFAULT_RIDGE[update] if ridge is None else float(ridge)
+
+    init: str | None = None
+    steps: int = 20
+    block_size: int = 32
+    block_pruned: int | None = None
+    sweeps: int = 2
+    restarts: int = 1
+    tabu_steps: int = 2
+    frozen_fraction: float = 0.0
+    ridge: float | None = None
+    beta_range: tuple[float, float] = (3.0, 300.0)
+    time_budget: float | None = None
+    update: bool = True
+    refit_iterations: int = 5
+    refit_every: int = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.update, bool):
+            raise ConfigError(f"icbs option update must be true or false, got {self.update!r}.")
+        if self.init == "icbs":
+            raise ConfigError(
+                "icbs cannot start from its own mask: set init to a one-shot method such as 'sparsegpt' "
+                "or 'wanda'."
+            )
+        _int_option("steps", self.steps, 0)
+        _int_option("block_size", self.block_size, 2)
+        _int_option("sweeps", self.sweeps)
+        _int_option("restarts", self.restarts)
+        _int_option("tabu_steps", self.tabu_steps, 0)
+        _int_option("refit_iterations", self.refit_iterations, 0)
+        _int_option("refit_every", self.refit_every, 0)
+        if self.block_pruned is not None:
+            _int_option("block_pruned", self.block_pruned)
+            if self.block_pruned >= self.block_size:
+                raise ConfigError(
+                    f"icbs option block_pruned={self.block_pruned} must be smaller than "
+                    f"block_size={self.block_size}: a block needs both pruned and kept weights to swap."
+                )
+        fraction = self.frozen_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"icbs option frozen_fraction must be in [0, 1), got {fraction!r}.")
+        ridge = self.ridge
+        if ridge is not None and (
+            isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf
+        ):
+            raise ConfigError(
+                f"icbs option ridge must be a finite number >= 0 (default {DEFAULT_RIDGE[True]} with "
+                f"update, {DEFAULT_RIDGE[False]} without), got {ridge!r}."
+            )
+        beta = self.beta_range
+        if (
+            not isinstance(beta, (tuple, list))
+            or len(beta) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in beta)
+            or not 0 < beta[0] <= beta[1] < math.inf
+        ):
+            raise ConfigError(
+                f"icbs option beta_range must be two numbers 0 < start <= end, e.g. [3, 300], got {beta!r}."
+            )
+        budget = self.time_budget
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
+        ):
+            raise ConfigError(
+                f"icbs option time_budget must be a number of seconds > 0 or None, got {budget!r}."
+            )
+
+    @property
+    def init_solver(self) -> str:
+        return self.init or ("sparsegpt" if self.update else "wanda")
+
+    @property
+    def ridge_value(self) -> float:
+        return DEFAULT_RIDGE[self.update] if self.ridge is None else float(self.ridge)
+
+    def refine_options(self) -> dict:
+        """The keywords of :func:`refine` these options set (every field of the same name, with the
+        mode's default ridge filled in)."""
+        accepted = inspect.signature(refine).parameters
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in accepted}
+        return values | {"ridge": self.ridge_value, "beta_range": tuple(self.beta_range)}
+
+
+@register_solver("icbs", needs={SQ_NORMS, HESSIAN}, options=IcbsOptions)
+def icbs(problem: LayerProblem, **options) -> SolverResult:
+    """iCBS: refine a one-shot mask by block coordinate descent on the layer loss (annealed QUBOs).
+
+    ``options`` are :class:`IcbsOptions`. Sparsity per row (per N:M group) is the init mask's,
+    exactly. The annealer draws from torch's random generator, which the engine seeds per module from
+    the run's ``seed`` and the module's name: one seed gives one mask, another seed another.
+    """
+    opts = IcbsOptions(**options)
+    init = opts.init_solver
+    update = opts.update
     weight, spec = problem.weight, problem.spec
     out, width = weight.shape
     if spec.is_dense:
@@ -574,6 +563,7 @@ def icbs(
     start_weight = None
     if update:
         start_weight = weight if first.weight is None else first.weight
+    seed = int(torch.randint(0, 2**62, (1,)))  # from the engine-seeded generator: per run seed and module
     generator = torch.Generator(device=weight.device).manual_seed(seed)
     history: list[float] = []
     started = time.perf_counter()
@@ -583,20 +573,9 @@ def icbs(
         keep,
         new_weight=start_weight,
         group_size=spec.pattern.m if spec.pattern else None,
-        steps=steps,
-        block_size=block_size,
-        block_pruned=block_pruned,
-        sweeps=sweeps,
-        restarts=restarts,
-        tabu_steps=tabu_steps,
-        frozen_fraction=frozen_fraction,
-        ridge=ridge,
-        beta_range=tuple(beta_range),
-        refit_iterations=refit_iterations,
-        refit_every=refit_every,
-        time_budget=time_budget,
         generator=generator,
         history=history,
+        **opts.refine_options(),
     )
     log.debug(
         "icbs %s: layer loss %.4g -> %.4g (%.1f%% of %s's) in %d steps, %.1fs",

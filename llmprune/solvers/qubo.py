@@ -4,12 +4,11 @@ iCBS (``icbs.py``) reduces pruning a block of weights to this problem (x_j = 1: 
 count of ones is fixed so a block swap can never change sparsity; with ``group_size`` the count is
 fixed inside every aligned group of that size, so N:M patterns stay valid.
 
-All functions are batched over a leading dimension (one independent problem per output row).
+The annealer is batched over a leading dimension (one independent problem per output row). Its
+independent reference, a brute-force minimum over every feasible x, lives in ``tests/test_icbs.py``.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 from torch import Tensor
@@ -18,56 +17,6 @@ from llmprune.solvers.threads import intra_op_threads
 
 #: half of the penalty that rules a non-swap out of a best-partner search (float32 max is 3.4e38)
 _HALF_BIG = 1e30
-
-
-def qubo_energy(q: Tensor, x: Tensor, linear: Tensor | None = None) -> Tensor:
-    """``x^T Q x + c^T x`` in float64, for several x per Q at once.
-
-    q: (batch, B, B) symmetric; x: (batch, B) or (batch, S, B); linear: (batch, B). -> (batch,) or
-    (batch, S).
-    """
-    q64 = q.to(torch.float64)
-    single = x.dim() == q.dim() - 1
-    x64 = (x.unsqueeze(-2) if single else x).to(torch.float64)  # (batch, S, B)
-    energy = (torch.bmm(x64, q64) * x64).sum(-1)  # (batch, S)
-    if linear is not None:
-        energy = energy + (x64 * linear.to(torch.float64).unsqueeze(-2)).sum(-1)
-    return energy.squeeze(-1) if single else energy
-
-
-def _feasible_points(counts: list[int], group_size: int) -> Tensor:
-    """Every 0/1 vector with ``counts[g]`` ones in aligned group g. -> (points, groups * group_size)."""
-    per_group = []
-    for count in counts:
-        rows = []
-        for ones in itertools.combinations(range(group_size), count):
-            row = [0.0] * group_size
-            for j in ones:
-                row[j] = 1.0
-            rows.append(row)
-        per_group.append(rows)
-    points = [sum(parts, []) for parts in itertools.product(*per_group)]
-    return torch.tensor(points, dtype=torch.float64)
-
-
-def exhaustive_minimum(
-    q: Tensor, counts: int | list[int], linear: Tensor | None = None, group_size: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Brute-force optimum over all feasible x (the independent reference for tests; tiny B only).
-
-    q: (batch, B, B); ``counts`` ones in total, or ``counts[g]`` in each aligned group of ``group_size``.
-    Returns x (batch, B) float64 and its energy (batch,) float64.
-    """
-    width = q.shape[-1]
-    size = group_size or width
-    per_group = [counts] if isinstance(counts, int) else list(counts)
-    points = _feasible_points(per_group, size)  # (P, B)
-    q64 = q.to(torch.float64)
-    energy = torch.einsum("pi,bij,pj->bp", points, q64, points)  # (batch, P)
-    if linear is not None:
-        energy = energy + linear.to(torch.float64) @ points.T
-    best = energy.argmin(-1)
-    return points[best], energy.gather(-1, best.unsqueeze(-1)).squeeze(-1)
 
 
 def anneal(
@@ -184,4 +133,4 @@ def anneal(
     return x_out > 0.5, exact.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
 
-__all__ = ["anneal", "exhaustive_minimum", "qubo_energy"]
+__all__ = ["anneal"]

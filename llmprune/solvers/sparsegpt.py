@@ -8,7 +8,7 @@ Unlike the reference, the unstructured count is exact (per-block counts by cumul
 dead input channels are not zeroed outside the keep-mask.
 
 One sweep serves two callers: :func:`sparsegpt` chooses the mask as it goes (per column block for
-unstructured targets, per aligned group for N:M), :func:`reconstruct_with_mask` is handed a mask by
+unstructured targets, per aligned group for N:M), :func:`reconstruct_with_keep` is handed a mask by
 another solver and only reconstructs the kept weights.
 """
 
@@ -22,23 +22,10 @@ from torch import Tensor
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import register_solver
 from llmprune.solvers.hessian import check_dampening, damped_inverse_cholesky, dead_columns
+from llmprune.solvers.masks import keep_all_but_lowest
 from llmprune.solvers.threads import intra_op_threads
 from llmprune.solvers.types import HESSIAN, LayerProblem, SolverResult
 from llmprune.spec import SparsitySpec
-
-
-def _prune_lowest(scores: Tensor, count: int) -> Tensor:
-    """Bool mask of ``scores``' shape marking its ``count`` lowest entries (ties: lower flat index first).
-
-    A k-th value selection instead of a full sort: the sort was half of the solve time.
-    """
-    flat = scores.flatten()
-    if count <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, count).values
-    below, tied = flat < threshold, flat == threshold
-    prune = below | (tied & (tied.cumsum(0) <= count - below.sum()))
-    return prune.reshape(scores.shape)
 
 
 def _sweep(
@@ -81,7 +68,8 @@ def _sweep(
         block = w_t[i1:i2]  # (B, out) view, updated in place
         if adaptive and pattern is None:
             count = pruned_before(i2) - pruned_before(i1)
-            keep_t[i1:i2] = ~_prune_lowest(block.square() * saliency_scale[i1:i2], count)
+            scores = block.square() * saliency_scale[i1:i2]  # (B, out): one threshold per block
+            keep_t[i1:i2] = keep_all_but_lowest(scores.reshape(1, -1), count).reshape(scores.shape)
         with intra_op_threads(1):  # many small ops: thread hand-offs cost more than they give
             for i in range(i1, i2):
                 if pattern is not None and i % pattern.m == 0:  # block starts are multiples of m
@@ -103,7 +91,7 @@ def _check_block_size(block_size: int) -> None:
         raise ConfigError(f"block_size must be a positive integer (default 128), got {block_size!r}.")
 
 
-def reconstruct_with_mask(
+def reconstruct_with_keep(
     weight: Tensor,
     hessian: Tensor,
     keep: Tensor,
@@ -119,7 +107,7 @@ def reconstruct_with_mask(
     left to right), which is SparseGPT's approximation of the per-row least-squares optimum.
 
     >>> w = torch.tensor([[1.0, 2.0]]); h = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
-    >>> reconstruct_with_mask(w, h, torch.tensor([[False, True]]), dampening_frac=0.0)
+    >>> reconstruct_with_keep(w, h, torch.tensor([[False, True]]), dampening_frac=0.0)
     tensor([[0.0000, 2.5000]])
     """
     _check_block_size(block_size)
