@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from llmprune import preflight
 from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import prune_blocks
@@ -37,8 +38,8 @@ def prune(
     method: str = "wanda",
     sparsity: float | str = 0.5,
     dataset: Any = None,
-    num_calibration_samples: int = 128,
-    max_seq_length: int = 2048,
+    num_calibration_samples: int | None = None,
+    max_seq_length: int | None = None,
     seed: int = 0,
     targets: Iterable[str] | None = None,
     ignore: Iterable[str] | None = None,
@@ -48,6 +49,7 @@ def prune(
     device: str | None = "auto",
     dtype: str | None = "float32",
     output_dir: str | None = None,
+    overwrite: bool = False,
     streaming: bool = False,
     max_memory: int | str | None = None,
     offload_dir: str | None = None,
@@ -66,7 +68,13 @@ def prune(
     every 4). ``dataset`` is any calibration source (see ``llmprune.calibration.data``); ``None`` uses
     the built-in public-domain text. Extra keyword arguments go to the solver (e.g. ``block_size=128``).
     With ``output_dir`` the pruned checkpoint is written there (atomically), with ``recipe`` and
-    ``run_info`` as provenance (the CLI records its resolved recipe and command).
+    ``run_info`` as provenance (the CLI records its resolved recipe and command); an earlier llmprune
+    output there is replaced only with ``overwrite=True``, and any other non-empty folder is refused.
+
+    Sizes default to the model and the machine: ``max_seq_length`` is the smaller of 2048 and the
+    model's positions, ``num_calibration_samples`` 128 on a GPU and 32 on CPU; a token tensor brings its
+    own rows and width (asking for fewer cuts it, and says so). Every setting is checked before the
+    model loads (``llmprune.preflight``), and selections that match no module before calibration.
 
     For models larger than memory:
 
@@ -105,6 +113,16 @@ def prune(
         resume=resume,
         options=solver_args,
     )
+    preflight.before_loading(
+        model,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        dataset=dataset,
+        device=device,
+        solver=cfg.solver,
+        options=solver_args,
+        max_seq_length=max_seq_length,
+    )
     if streaming:
         from llmprune.calibration.streaming import stream_blocks
 
@@ -121,6 +139,7 @@ def prune(
             recipe=recipe,
             run_info=run_info,
             trust_remote_code=trust_remote_code,
+            overwrite=overwrite,
         )
     if is_model_path(model):
         model, tokenizer = load_model(
@@ -131,6 +150,7 @@ def prune(
     torch.manual_seed(seed)
     start = time.perf_counter()
     selection = cfg.selection
+    preflight.after_loading(model, selection)
     data_free = not cfg.solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
     result = PruneResult(method=method, sparsity=str(selection.default), options=dict(solver_args), seed=seed)
     if data_free:
@@ -146,8 +166,9 @@ def prune(
         if not selection.default.is_dense or selection.overrides:
             prune_blocks(model, input_ids, cfg, result)
     result.seconds = time.perf_counter() - start
+    result.dense_weights = _unselected_weights(model, result)
     log.info(
-        "%s %s: %.2f%% of %d block Linears pruned in %.1fs",
+        "%s %s: %.2f%% of the block Linears' weights zero (%d pruned) in %.1fs",
         method,
         result.sparsity,
         100 * result.overall_sparsity,
@@ -158,10 +179,24 @@ def prune(
         from llmprune.io.save import save_pruned
 
         if comm.is_main:
-            save_pruned(model, tokenizer, output_dir, result=result, recipe=recipe, run_info=run_info)
+            save_pruned(
+                model, tokenizer, output_dir, result=result, recipe=recipe, run_info=run_info,
+                overwrite=overwrite,
+            )  # fmt: skip
         discard_progress(cfg.checkpoint_dir, comm)
     elif cfg.checkpoint_dir is not None and comm.is_main:
         log.debug(
             "progress kept in %s until the model is saved (discard_progress removes it)", cfg.checkpoint_dir
         )
     return result
+
+
+def _unselected_weights(model, result: PruneResult) -> int:
+    """Weights of the decoder-block Linears the run did not prune (ignored, not targeted, dense)."""
+    from llmprune.calibration.modules import WeightView
+
+    return sum(
+        WeightView(model.get_submodule(n)).shape[0] * WeightView(model.get_submodule(n)).shape[1]
+        for n in preflight.prunable_names(model)
+        if n not in result.modules
+    )

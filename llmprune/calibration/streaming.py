@@ -43,6 +43,7 @@ from llmprune.calibration.modules import WeightView, find_blocks
 from llmprune.calibration.resume import Progress, run_fingerprint, save_tensors, write_safetensors
 from llmprune.calibration.settings import calibration_ids
 from llmprune.errors import ModelLoadError
+from llmprune.io.fingerprint import files_digest
 from llmprune.result import PruneResult
 
 log = logging.getLogger(__name__)
@@ -492,6 +493,7 @@ def stream_blocks(
     recipe: dict | None = None,
     run_info: dict | None = None,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> PruneResult:
     """``prune_streaming`` once its keywords are checked (``settings.engine_config`` made ``cfg``)."""
     from llmprune.io.models import resolve_device, resolve_dtype
@@ -510,7 +512,7 @@ def stream_blocks(
     out = Path(output_dir).expanduser()
     comm = current_comm()
     if comm.is_main:
-        check_output_dir(out, skeleton)
+        check_output_dir(out, skeleton, overwrite)
     source = StreamingBlocks(skeleton, reader, names)
 
     torch.manual_seed(cfg.seed)
@@ -530,7 +532,8 @@ def stream_blocks(
     cfg.device, cfg.comm = compute, comm
     ckpt_dir = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir)
     work = ckpt_dir or out.parent / f".{out.name}.llmprune-work-{uuid.uuid4().hex[:8]}"
-    fingerprint = run_fingerprint(cfg, skeleton, input_ids, len(source.blocks), compute)
+    weights = [files_digest(sorted(folder.glob("*.safetensors")))]
+    fingerprint = run_fingerprint(cfg, skeleton, input_ids, len(source.blocks), compute, weights)
     prog = Progress.open(work, comm, fingerprint, resume=cfg.resume, resumable=ckpt_dir is not None)
     try:
         prune_blocks(skeleton, input_ids, cfg, result, source=source, progress=prog)

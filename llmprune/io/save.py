@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from llmprune.errors import ConfigError, ModelLoadError
 from llmprune.io.inspect import CHECKED_PATTERNS, weight_stats
 from llmprune.io.models import clear_quantization
+from llmprune.io.output_dir import check_output_dir as check_folder
 from llmprune.result import PruneResult
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,10 @@ def load_keep_masks(path: str | Path) -> dict[str, Tensor]:
 
 
 def _candidate_modules(model: nn.Module, result: PruneResult | None) -> dict[str, nn.Module]:
-    """The reported matrices: the run's modules, else every prunable Linear inside the decoder blocks."""
+    """The reported matrices: every prunable Linear inside the decoder blocks, pruned or left dense by the
+    selection (so ``overall_sparsity`` counts the ignored ones too, as ``PruneResult`` does)."""
     from llmprune.calibration.modules import find_blocks, is_prunable, prunable_linears
 
-    if result is not None and result.modules:
-        return {name: model.get_submodule(name) for name in result.modules}
     try:
         prefix, blocks = find_blocks(model)
     except ConfigError:
@@ -139,6 +139,7 @@ def module_entry(weight: Tensor, report=None) -> dict[str, Any]:
     if report is not None:
         info["layer_error"] = report.layer_error
         info["seconds"] = report.seconds
+        info["fallbacks"] = list(report.fallbacks)
     return info
 
 
@@ -271,37 +272,10 @@ def source_model(model: nn.Module) -> str | None:
     return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    return any((path / n).exists() for n in ("config.json", "sparsity.json")) or any(
-        path.glob("*.safetensors")
-    )
-
-
-def check_output_dir(output_dir: Path, model: nn.Module | None = None) -> None:
-    """Refuse targets whose replacement would destroy something: the input model, the cwd, other files."""
-    target = output_dir.resolve()
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"output_dir {output_dir} is a file: choose a folder path.")
+def check_output_dir(output_dir: Path, model: nn.Module | None = None, overwrite: bool = False) -> None:
+    """Refuse targets whose replacement would destroy something (``llmprune.io.output_dir``'s rules)."""
     sources = {source_model(model), getattr(getattr(model, "config", None), "_name_or_path", None)}
-    for source in sources - {None, ""}:  # a model built from a config has no source
-        src = Path(str(source)).expanduser()
-        if src.exists() and (target == src.resolve() or target in src.resolve().parents):
-            raise ConfigError(
-                f"output_dir {output_dir} holds the model being pruned ({source}); writing there would "
-                "replace "
-                "the input model. Fix: choose a new folder, e.g. --output_dir ./pruned-model."
-            )
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise ConfigError(
-            f"output_dir {output_dir} is (or contains) the current directory: choose a subfolder."
-        )
-    if target.is_dir() and any(target.iterdir()) and not _is_checkpoint_dir(target):
-        raise ConfigError(
-            f"output_dir {output_dir} exists and holds files that are not a checkpoint; llmprune "
-            "replaces the "
-            "whole folder. Fix: choose a new or empty folder."
-        )
+    check_folder(output_dir, overwrite=overwrite, inputs=sources, flag="output_dir")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -406,6 +380,7 @@ def save_pruned(
     run_info: dict | None = None,
     metrics: dict | None = None,
     save_masks: bool = True,
+    overwrite: bool = False,
     max_shard_size: str = "5GB",
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
@@ -417,6 +392,8 @@ def save_pruned(
     ``recipe`` is a dict or a ``llmprune.recipe.Recipe``. ``run_info`` entries are merged into
     ``run_info.json`` (e.g. ``command``, ``base_model``, ``license``); ``metrics`` is free-form, e.g.
     ``{"perplexity": {"dense": 12.1, "pruned": 14.3, "dataset": "wikitext2", "seq_len": 512}}``.
+    An existing ``output_dir`` is replaced only if an earlier llmprune run wrote it and ``overwrite=True``;
+    a folder holding anything else is refused (``llmprune.io.output_dir``).
 
     >>> save_pruned(model, tok, "out/wanda-50", result=result, metrics=metrics)  # doctest: +SKIP
     PosixPath('out/wanda-50')
@@ -428,7 +405,7 @@ def save_pruned(
         raise ConfigError(
             "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/model-wanda-50'."
         )
-    check_output_dir(out, model)
+    check_output_dir(out, model, overwrite)
     _prepare_dense(model)
     start = time.perf_counter()
     if recipe is not None and hasattr(recipe, "to_dict"):  # a llmprune.recipe.Recipe
