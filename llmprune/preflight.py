@@ -115,8 +115,13 @@ def _check_jsonl(file: Path, flag: str, max_bytes: int = 256 * 2**20) -> None:
 def check_option_types(solver, options: Mapping[str, Any], where: str = "--option") -> None:
     """Each solver option must have the type of its default in the solver's signature."""
     solver.check_options(dict(options))
+    check_typed(solver.options(), options, f"solver {solver.name!r}", where)
+
+
+def check_typed(defaults: Mapping[str, Any], options: Mapping[str, Any], owner: str, where: str) -> None:
+    """Each option must have the type of its default (solver signatures, recovery option dataclasses)."""
     for key, value in options.items():
-        default = solver.options()[key]
+        default = defaults.get(key)
         if default is None or value is None:
             continue
         if isinstance(default, bool):
@@ -134,9 +139,7 @@ def check_option_types(solver, options: Mapping[str, Any], where: str = "--optio
         else:
             continue
         if not ok:
-            raise ConfigError(
-                f"{where} {key}={value!r}: solver {solver.name!r} expects {want} (default {default!r})."
-            )
+            raise ConfigError(f"{where} {key}={value!r}: {owner} expects {want} (default {default!r}).")
 
 
 # ---------------------------------------------------------------- the model, from its config alone

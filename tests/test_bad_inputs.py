@@ -21,6 +21,7 @@ from llmprune.cli import main
 from llmprune.errors import LlmpruneError
 from llmprune.io.inspect import inspect_checkpoint
 from llmprune.recipe import load_recipe
+from llmprune.recovery import recover as llmprune_recover
 
 
 @dataclass
@@ -60,6 +61,10 @@ def env(tmp_path, tiny_tokenizer) -> Env:
     )
     bert.save_pretrained(tmp_path / "bert-mlm")
     tiny_tokenizer.save_pretrained(tmp_path / "bert-mlm")
+    small = make_model("llama")  # a vocabulary of 64: the tokenizer's ids go up to 127
+    small.resize_token_embeddings(64)
+    small.save_pretrained(tmp_path / "small-vocab")
+    tiny_tokenizer.save_pretrained(tmp_path / "small-vocab")
     other = make_model("gpt2")
     other.resize_token_embeddings(VOCAB + 64)
     other.save_pretrained(tmp_path / "other-vocab")
@@ -138,6 +143,10 @@ CASES = [
     ("non-numeric-option", "config",
      lambda e: _prune_flags(e, "--method", "sparsegpt", "--option", "block_size=big"),
      lambda e: _api(e, method="sparsegpt", block_size="big"), "expects an integer"),
+    ("non-numeric-recovery-option", "config",
+     lambda e: ["recover", "--model", str(e.model), "--option", "r=wide"],
+     lambda e: lambda: llmprune_recover(make_model("llama"), input_ids=torch.zeros(2, 8, dtype=torch.long),
+                                        r="wide"), "expects an integer"),
     ("cuda-on-cpu", "config",
      lambda e: _prune_flags(e, "--device", "cuda"),
      lambda e: _api(e, device="cuda"), "--device cpu"),
@@ -174,6 +183,18 @@ CASES = [
     ("recover-output-foreign", "config",
      lambda e: ["recover", "--model", str(e.model), "--output_dir", str(e.root / "notes"), "--skip_eval"],
      None, "new or empty folder"),
+    ("eval-not-a-causal-lm", "config",
+     lambda e: ["eval", "--model", str(e.root / "bert-mlm"), "--tasks", "none"], None, "not a causal"),
+    ("eval-cuda-on-cpu", "config",
+     lambda e: ["eval", "--model", str(e.model), "--tasks", "none", "--device", "cuda"], None,
+     "--device cpu"),
+    ("sweep-missing-dataset", "config",
+     lambda e: ["sweep", "--model", str(e.model), "--sparsities", "0.5", "--dataset", str(e.root / "x.txt")],
+     None, "does not exist"),
+    ("eval-tokens-outside-vocab", "data",
+     lambda e: ["eval", "--model", str(e.root / "small-vocab"), "--tasks", "none", "--eval_dataset",
+                str(e.text)],
+     None, "outside the model's vocabulary"),
     ("damaged-safetensors", "config",
      lambda e: ["inspect", str(e.root / "damaged.safetensors")],
      lambda e: lambda: inspect_checkpoint(e.root / "damaged.safetensors"), "damaged"),
@@ -189,7 +210,7 @@ def _forbid_work(monkeypatch, stage: str) -> None:
     monkeypatch.setattr("llmprune.api.prune_blocks", refuse)
     if stage != "data":
         monkeypatch.setattr("llmprune.calibration.settings.calibration_tokens", refuse)
-    monkeypatch.setattr("llmprune.evaluation.perplexity.eval_windows", refuse)
+        monkeypatch.setattr("llmprune.evaluation.perplexity.eval_windows", refuse)
     if stage == "config":
         monkeypatch.setattr("llmprune.io.models._from_pretrained", refuse)
 
@@ -197,7 +218,7 @@ def _forbid_work(monkeypatch, stage: str) -> None:
 def _applicable(name: str, form, what: str) -> None:
     if form is None:
         pytest.skip(f"no {what} form")
-    if name == "cuda-on-cpu" and torch.cuda.is_available():
+    if name.endswith("cuda-on-cpu") and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
 
 

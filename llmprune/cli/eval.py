@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.evaluation.harness import DEFAULT_TASKS, task_manager
     from llmprune.io.models import load_model
+    from llmprune.preflight import before_loading
     from llmprune.recipe import resolve_recipe
     from llmprune.reports import write_report
 
@@ -102,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
     tasks = [] if skip_tasks else list(recipe.eval.tasks or DEFAULT_TASKS)
     if tasks:
         task_manager(tasks, recipe.eval.include_path)  # unknown task names fail before the model loads
+    before_loading(
+        recipe.model.name,
+        device=recipe.model.device,
+        eval_dataset=None if skip_ppl else recipe.eval.eval_dataset,
+        max_seq_length=None if skip_ppl else recipe.eval.max_seq_length,
+    )
     model, tok = load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
     results = {
         "model": recipe.model.name,

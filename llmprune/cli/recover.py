@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.errors import ConfigError
     from llmprune.evaluation.perplexity import perplexity
     from llmprune.io.models import load_model
-    from llmprune.preflight import before_loading, check_teacher, max_positions
+    from llmprune.preflight import before_loading, check_teacher, check_typed, max_positions
     from llmprune.recovery import method_options, recover
     from llmprune.recovery.api import distill_problem
 
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ConfigError(f"unknown {s['method']} option {unknown[0]!r}: use one of {', '.join(allowed)}.")
+    check_typed(allowed, options, f"recovery method {s['method']!r}", "--option")
     if s["mode"] == "reconstruct" and not s["dense_model"]:
         raise ConfigError("--mode reconstruct needs --dense_model PATH (the dense checkpoint to match).")
     problem = distill_problem(s["distill"], s["mode"])

@@ -68,6 +68,7 @@ def sweep_markdown(title: str, dense: dict[str, Any] | None, points: list[dict[s
 def run(args: argparse.Namespace) -> int:
     import llmprune
     from llmprune.errors import ConfigError
+    from llmprune.preflight import check_recipe
     from llmprune.recipe import resolve_recipe
     from llmprune.reports import plot_sparsity_curve, write_json, write_text
 
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("the recipe's recover section is ignored by sweep: points are one-shot pruning only")
     name, method = base.model.name, base.prune.method
     out = Path(base.output_dir or f"sweep-{method}")
+    check_recipe(base.with_overrides({"output_dir": None}))  # sweep writes reports, not a checkpoint
 
     dense, points = None, []
     for i, recipe in enumerate(recipes):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from llmprune.calibration.data import load_texts
 from llmprune.errors import ConfigError, DataError
-from llmprune.preflight import window_length
+from llmprune.preflight import check_token_ids, window_length
 
 #: tokens scored by default: enough for a stable comparison of dense and pruned, minutes on a CPU
 DEFAULT_EVAL_TOKENS = 32768
@@ -83,6 +83,7 @@ def perplexity(
     max_seq_length = window_length(max_seq_length, model.config, "--eval_max_seq_length")
     count = window_count(limit, max_seq_length) or "all"
     windows = eval_windows(tokenizer, dataset, max_seq_length, count)
+    check_token_ids(windows, getattr(model.config, "vocab_size", None))  # before: a raw IndexError
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
-from llmprune.preflight import check_teacher
+from llmprune.preflight import check_teacher, check_typed
 from llmprune.recovery import masking
 from llmprune.recovery.heap import reuse_freed_memory
 from llmprune.recovery.lift import LiftOptions, LiftSession
@@ -164,6 +164,7 @@ def recover(
         optim=optim,
         seed=seed,
     )
+    check_typed(allowed, options, f"recovery method {method!r}", "option")
     method_opts = opt_cls(**options)
     targets = masking.resolve_targets(model, keep_masks)
     if not targets:
