@@ -3,12 +3,14 @@
 >>> import llmprune
 >>> model, tok = llmprune.load_model()                                  # doctest: +SKIP
 >>> result = llmprune.prune(model, tok, method="sparsegpt", sparsity=0.5)  # doctest: +SKIP
+>>> llmprune.save_pruned(model, tok, "out/sparsegpt-50", result=result)   # doctest: +SKIP
 """
 
 from llmprune.api import prune
 from llmprune.errors import ConfigError, DataError, LlmpruneError, ModelLoadError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.io.models import load_model
+from llmprune.io.save import save_pruned
 from llmprune.registry import available_solvers, get_solver, register_solver
 from llmprune.result import PruneResult
 from llmprune.spec import NMPattern, SparsitySpec
@@ -29,4 +31,5 @@ __all__ = [
     "perplexity",
     "prune",
     "register_solver",
+    "save_pruned",
 ]

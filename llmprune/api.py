@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from llmprune import preflight
 from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import prune_blocks
@@ -27,6 +28,7 @@ from llmprune.calibration.resume import Progress, discard_progress, run_fingerpr
 from llmprune.calibration.settings import calibration_ids, engine_config, is_model_path
 from llmprune.calibration.weights_only import prune_weights_only
 from llmprune.io.atomic import temp_path
+from llmprune.io.fingerprint import files_digest
 from llmprune.io.models import load_model, resolve_device, resolve_dtype
 from llmprune.io.save import check_output_dir, save_pruned, save_streamed
 from llmprune.result import PruneResult
@@ -41,8 +43,8 @@ def prune(
     method: str = "wanda",
     sparsity: float | str = 0.5,
     dataset: Any = None,
-    num_calibration_samples: int = 128,
-    max_seq_length: int = 2048,
+    num_calibration_samples: int | None = None,
+    max_seq_length: int | None = None,
     seed: int = 0,
     targets: Iterable[str] | None = None,
     ignore: Iterable[str] | None = None,
@@ -52,6 +54,7 @@ def prune(
     device: str | None = "auto",
     dtype: str | None = "float32",
     output_dir: str | None = None,
+    overwrite: bool = False,
     streaming: bool = False,
     max_memory: int | str | None = None,
     offload_dir: str | None = None,
@@ -70,7 +73,13 @@ def prune(
     every 4). ``dataset`` is any calibration source (see ``llmprune.calibration.data``); ``None`` uses
     the built-in public-domain text. Extra keyword arguments go to the solver (e.g. ``block_size=128``).
     With ``output_dir`` the pruned checkpoint is written there (atomically), with ``recipe`` and
-    ``run_info`` as provenance (the CLI records its resolved recipe and command).
+    ``run_info`` as provenance (the CLI records its resolved recipe and command); an earlier llmprune
+    output there is replaced only with ``overwrite=True``, and any other non-empty folder is refused.
+
+    Sizes default to the model and the machine: ``max_seq_length`` is the smaller of 2048 and the
+    model's positions, ``num_calibration_samples`` 128 on a GPU and 32 on CPU; a token tensor brings its
+    own rows and width (asking for fewer cuts it, and says so). Every setting is checked before the
+    model loads (``llmprune.preflight``), and selections that match no module before calibration.
 
     For models larger than memory:
 
@@ -109,6 +118,16 @@ def prune(
         resume=resume,
         options=solver_args,
     )
+    preflight.before_loading(
+        model,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        dataset=dataset,
+        device=device,
+        solver=cfg.solver,
+        options=solver_args,
+        max_seq_length=max_seq_length,
+    )
     comm = current_comm()
     source = folder = None
     if streaming:  # the model stays on disk: a skeleton in memory, its blocks read one at a time
@@ -119,7 +138,7 @@ def prune(
             model, tokenizer, resolve_dtype(dtype, cfg.device), trust_remote_code
         )
         if comm.is_main:
-            check_output_dir(Path(output_dir).expanduser(), model)
+            check_output_dir(Path(output_dir).expanduser(), model, overwrite)
     else:
         if is_model_path(model):
             model, tokenizer = load_model(
@@ -130,6 +149,7 @@ def prune(
     torch.manual_seed(seed)
     start = time.perf_counter()
     selection = cfg.selection
+    preflight.after_loading(model, selection)
     data_free = not cfg.solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
     result = PruneResult(method=method, sparsity=str(selection.default), options=dict(solver_args), seed=seed)
     checkpoint = None  # where a streamed run records its pruned blocks
@@ -147,13 +167,15 @@ def prune(
             result.calibration_hash = tokens_hash(input_ids)
             result.num_calibration_samples, result.max_seq_length = map(int, input_ids.shape)
             if streaming:
-                fingerprint = run_fingerprint(cfg, model, input_ids, len(source.blocks), cfg.device)
+                weights = [files_digest(sorted(Path(folder).glob("*.safetensors")))]
+                fingerprint = run_fingerprint(cfg, model, input_ids, len(source.blocks), cfg.device, weights)
                 checkpoint = _open_checkpoint(cfg.checkpoint_dir, cfg.resume, output_dir, comm, fingerprint)
             if streaming or not selection.default.is_dense or selection.overrides:
                 prune_blocks(model, input_ids, cfg, result, source=source, checkpoint=checkpoint)
         result.seconds = time.perf_counter() - start
+        result.dense_weights = _unselected_weights(model, result)
         log.info(
-            "%s %s: %.2f%% of %d block Linears pruned in %.1fs",
+            "%s %s: %.2f%% of the block Linears' weights zero (%d pruned) in %.1fs",
             method,
             result.sparsity,
             100 * result.overall_sparsity,
@@ -175,7 +197,10 @@ def prune(
                     run_info=run_info,
                 )
             else:
-                save_pruned(model, tokenizer, output_dir, result=result, recipe=recipe, run_info=run_info)
+                save_pruned(
+                    model, tokenizer, output_dir, result=result, recipe=recipe, run_info=run_info,
+                    overwrite=overwrite,
+                )  # fmt: skip
     except BaseException:
         if streaming and checkpoint is not None and not checkpoint.resumable and comm.is_main:
             shutil.rmtree(checkpoint.folder, ignore_errors=True)  # nothing to resume from: no half model left
@@ -201,3 +226,15 @@ def _open_checkpoint(
         return Progress.open(checkpoint_dir, comm, fingerprint, resume=resume)
     work = temp_path(Path(output_dir).expanduser(), "work-")
     return Progress.open(work, comm, fingerprint, resume=False, resumable=False)
+
+
+def _unselected_weights(model, result: PruneResult) -> int:
+    """Weights of the decoder-block Linears the run did not prune (ignored, not targeted, dense)."""
+    from llmprune.calibration.modules import WeightView
+
+    return sum(
+        WeightView(model.get_submodule(n)).shape[0] * WeightView(model.get_submodule(n)).shape[1]
+        for n in preflight.prunable_names(model)
+        if n not in result.modules
+    )
+

@@ -160,8 +160,8 @@ class ModelSection:
 @dataclass
 class CalibrationSection:
     dataset: str | None = None  # None = the built-in public-domain calibration text
-    num_calibration_samples: int = 128
-    max_seq_length: int = 2048
+    num_calibration_samples: int | None = None  # None = 128 on a GPU, 32 on CPU
+    max_seq_length: int | None = None  # None = the smaller of 2048 and the model's positions
     seed: int = 0
     max_memory: int | str | None = None  # activations kept in memory ("8GB", "512MiB", bytes); None = all
     offload_dir: str | None = None  # where activations above max_memory go (None = a temporary folder)
@@ -170,8 +170,8 @@ class CalibrationSection:
         from llmprune.calibration.capture import check_spill_settings
 
         _str("calibration.dataset", self.dataset)
-        _int("calibration.num_calibration_samples", self.num_calibration_samples, 1)
-        _int("calibration.max_seq_length", self.max_seq_length, 2)
+        _int("calibration.num_calibration_samples", self.num_calibration_samples, 1, optional=True)
+        _int("calibration.max_seq_length", self.max_seq_length, 2, optional=True)
         _int("calibration.seed", self.seed, 0)
         try:
             check_spill_settings(self.max_memory, self.offload_dir, keys="calibration.")
@@ -297,8 +297,8 @@ class EvalSection:
     num_fewshot: int = 0
     limit: int | float | None = None  # lm-eval: documents per task (int) or a fraction
     eval_dataset: str | None = None  # perplexity text; None = the built-in held-out text
-    eval_limit: int | None = None  # perplexity: this many evenly spaced windows (None = all)
-    max_seq_length: int | None = None  # perplexity window; None = calibration.max_seq_length, at most 2048
+    eval_limit: int | str | None = None  # perplexity windows; None = 32768 tokens' worth, "all" = every one
+    max_seq_length: int | None = None  # perplexity window; None = calibration.max_seq_length's rule
     batch_size: int | None = None  # None = prune.batch_size
 
     def __post_init__(self) -> None:
@@ -313,7 +313,12 @@ class EvalSection:
         else:
             _int("eval.limit", self.limit, 1, optional=True)
         _str("eval.eval_dataset", self.eval_dataset)
-        _int("eval.eval_limit", self.eval_limit, 1, optional=True)
+        if isinstance(self.eval_limit, str) and self.eval_limit.strip().lower() == "all":
+            self.eval_limit = "all"
+        elif self.eval_limit is not None and (
+            isinstance(self.eval_limit, bool) or not isinstance(self.eval_limit, int) or self.eval_limit < 1
+        ):
+            raise _fail("eval.eval_limit", f"use a number of windows >= 1 or 'all', got {self.eval_limit!r}.")
         _int("eval.max_seq_length", self.max_seq_length, 2, optional=True)
         _int("eval.batch_size", self.batch_size, 1, optional=True)
 
@@ -448,6 +453,11 @@ class Recipe:
         return self.with_overrides(dotted)
 
     # ---- what the parts of llmprune take
+    def selection(self) -> ModuleSelection:
+        """The prune section's module selection (targets, ignore, overrides)."""
+        p = self.prune
+        return ModuleSelection.build(p.sparsity, p.targets, p.ignore, p.overrides)
+
     def prune_kwargs(self, with_output_dir: bool = False) -> dict[str, Any]:
         """Keyword arguments for ``llmprune.api.prune(model, tokenizer, **kwargs)``.
 
@@ -487,7 +497,7 @@ class Recipe:
         e = self.eval
         return {
             "dataset": e.eval_dataset,
-            "max_seq_length": e.max_seq_length or min(self.calibration.max_seq_length, 2048),
+            "max_seq_length": e.max_seq_length or self.calibration.max_seq_length,
             "limit": e.eval_limit,
             "batch_size": e.batch_size or 2,  # (B, L, vocab) logits dominate memory: keep B small
         }
@@ -672,8 +682,14 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist: check the path (examples live in recipes/).")
+    text = path.read_text(encoding="utf-8")
+    if not _load_yaml(text, f"recipe {path}"):  # an empty file would silently run every default
+        raise ConfigError(
+            f"recipe {path} is empty: give at least one setting (see recipes/*.yaml), or drop --recipe to "
+            "run the defaults."
+        )
     try:
-        return recipe_from_yaml(path.read_text(encoding="utf-8"), where=f"recipe {path}")
+        return recipe_from_yaml(text, where=f"recipe {path}")
     except ConfigError as exc:
         if str(path) in str(exc):
             raise

@@ -16,6 +16,7 @@ class ModuleReport:
     sparsity: float  # achieved: fraction of exact zeros in the written weight
     layer_error: float | None = None  # mean_tokens ||(W - W') x||^2 when the Hessian was collected
     seconds: float = 0.0
+    fallbacks: list[str] = field(default_factory=list)  # llmprune.solvers.fallbacks.MEANINGS keys
 
 
 @dataclass
@@ -39,13 +40,20 @@ class PruneResult:
     max_seq_length: int = 0
     seed: int = 0
     seconds: float = 0.0
+    dense_weights: int = 0  # weights of the block Linears the selection left dense (--ignore, --targets)
 
     @property
     def overall_sparsity(self) -> float:
-        """Zeros over all pruned-candidate weights (decoder-block Linears), the number papers report."""
-        total = sum(m.shape[0] * m.shape[1] for m in self.modules.values())
+        """Zeros over all decoder-block Linear weights, the number papers report: the Linears left dense
+        by ``ignore``/``targets`` count too, so ignoring a layer lowers it."""
+        total = sum(m.shape[0] * m.shape[1] for m in self.modules.values()) + self.dense_weights
         zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.modules.values())
         return zeros / total if total else 0.0
+
+    @property
+    def fallbacks(self) -> dict[str, list[str]]:
+        """Modules whose solve took a fallback (see ``llmprune.solvers.fallbacks.MEANINGS``)."""
+        return {name: list(m.fallbacks) for name, m in self.modules.items() if m.fallbacks}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (masks left out: they are saved as tensors)."""
@@ -53,4 +61,5 @@ class PruneResult:
         out["modules"] = {k: asdict(m) for k, m in self.modules.items()}
         out["blocks"] = [asdict(b) for b in self.blocks]
         out["overall_sparsity"] = self.overall_sparsity
+        out["fallbacks"] = self.fallbacks
         return out

@@ -75,7 +75,15 @@ def test_json_summary_and_solver_options(tiny_checkpoint, capsys):
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["achieved_sparsity"] == pytest.approx(0.6, abs=1e-3)
-    assert summary["perplexity"]["pruned"]["ppl"] > 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmprune.evaluation.perplexity import perplexity
+
+    dense = AutoModelForCausalLM.from_pretrained(folder).eval()  # the CLI's dense score, measured apart
+    tok = AutoTokenizer.from_pretrained(folder)
+    expected = perplexity(dense, tok, str(text), 16, limit=4, progress=False)
+    assert summary["perplexity"]["dense"]["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
+    assert summary["perplexity"]["pruned"]["ppl"] != pytest.approx(expected["ppl"], rel=1e-3)
 
 
 def test_recipe_then_flags_override(tiny_checkpoint, tmp_path, capsys):

@@ -88,7 +88,8 @@ def test_perplexity_matches_hand_computation(tiny_tokenizer):
     out = perplexity(model, tiny_tokenizer, docs, max_seq_length=16, batch_size=3, progress=False)
     assert out["windows"] == n and out["tokens"] == n * 15
     assert out["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
-    assert 0 < out["bits_per_byte"] < 20
+    text_bytes = sum(len(tiny_tokenizer.decode(row[1:]).encode("utf-8")) for row in windows.tolist())
+    assert out["bits_per_byte"] == pytest.approx(float(nll) * n * 15 / math.log(2) / text_bytes, rel=1e-5)
 
 
 def test_eval_limit_spreads_windows(tiny_tokenizer):

@@ -16,14 +16,15 @@ from conftest import VOCAB, make_model
 
 import llmprune
 from llmprune.calibration.stats import StatsAccumulator, combine, dyadic_nodes, tree_split
-from llmprune.registry import available_solvers
 from llmprune.solvers.types import HESSIAN, SQ_NORMS
 
 # 10 windows in batches of 2 = 5 batches: rank 0 gets batches [0, 2), rank 1 gets [2, 5)
 IDS = torch.randint(0, VOCAB, (10, 16), generator=torch.Generator().manual_seed(7))
-CASES = [("wanda", dict(sparsity=0.5)), ("magnitude", dict(sparsity="2:4"))]
-if "sparsegpt" in available_solvers():  # Hessian statistics, weight updates, true-sequential groups
-    CASES.append(("sparsegpt", dict(sparsity=0.5, true_sequential=True)))
+CASES = [
+    ("wanda", dict(sparsity=0.5)),
+    ("magnitude", dict(sparsity="2:4")),
+    ("sparsegpt", dict(sparsity=0.5, true_sequential=True)),  # Hessians, weight updates, sequential groups
+]
 
 
 def _run(method: str, kw: dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmprune.errors import ConfigError
 from llmprune.registry import get_solver
 from llmprune.solvers.magnitude import global_allocation
 from llmprune.solvers.types import LayerProblem, LayerStats
@@ -50,11 +51,41 @@ def test_wanda_differs_from_magnitude_only_through_norms():
 def test_global_magnitude_allocation_golden():
     weights = {"a": torch.tensor([0.1, 0.2, 0.3, 0.4]), "b": torch.tensor([1.0, 2, 3, 4])}
     spec = SparsitySpec.parse(0.5)  # prune 4 of 8
-    # no floor that binds: all of layer a would go; a floor of 50 % keeps two of a
-    assert global_allocation(weights, spec, scope="global", min_density=0.0) == {"a": 1.0, "b": 0.0}
+    # no floor: all of layer a would go, but one weight of every layer survives; 50 % keeps two of a
+    assert global_allocation(weights, spec, scope="global", min_density=0.0) == {"a": 0.75, "b": 0.25}
     assert global_allocation(weights, spec, scope="global", min_density=0.5) == {"a": 0.5, "b": 0.5}
     assert global_allocation(weights, spec, scope="global", min_density=0.25) == {"a": 0.75, "b": 0.25}
     assert global_allocation(weights, spec, scope="layer") == {}
+
+
+def test_global_magnitude_ties_at_the_threshold_meet_the_target_exactly():
+    """Before: every weight tied at the threshold was pruned, overshooting the target."""
+    weights = {"a": torch.ones(8), "b": torch.ones(8)}
+    allocation = global_allocation(weights, SparsitySpec.parse(0.25), scope="global", min_density=0.0)
+    assert sum(allocation[k] * 8 for k in allocation) == 4  # 25 % of 16
+    assert allocation == {"a": 0.5, "b": 0.0}  # ties go to the layers in name order
+
+
+def test_global_magnitude_refuses_what_it_cannot_do():
+    weights = {"a": torch.ones(8)}
+    with pytest.raises(ConfigError, match="N:M"):  # before: silently per-group, as if scope=layer
+        global_allocation(weights, SparsitySpec.parse("2:4"), scope="global")
+    with pytest.raises(ConfigError, match="min_density must be a number"):  # before: raw TypeError
+        global_allocation(weights, SparsitySpec.parse(0.5), scope="global", min_density="0.1")
+
+
+def test_global_magnitude_without_a_floor_runs(token_ids):
+    """Before: min_density=0 gave a layer 100 % and the run failed on that spec with a wrong message."""
+    from conftest import make_model
+
+    import llmprune
+
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e-6)
+    result = llmprune.prune(model, method="magnitude", sparsity=0.5, scope="global", min_density=0.0)
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert int((down != 0).sum()) >= 1 and result.overall_sparsity == pytest.approx(0.5, abs=1e-4)
 
 
 def test_global_magnitude_end_to_end(token_ids):

@@ -66,6 +66,9 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def do_GET(self) -> None:
+        if self.path.startswith("/api/whoami-v2") and self.server.status_for_create == 200:
+            self.server.auth.append(self.headers.get("Authorization"))
+            return self._reply(200, {"name": "me", "type": "user"})
         self.server.unexpected.append(f"GET {self.path}")
         self._reply(self.server.status_for_create if self.server.status_for_create != 200 else 404, {})
 
@@ -230,3 +233,34 @@ def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ConfigError, match="config.json"):
         push_to_hub(tmp_path, "me/x", endpoint="http://127.0.0.1:9")
+
+
+def test_a_server_that_never_answers_gives_a_bounded_error(saved, monkeypatch):
+    """Before: no HTTP timeout, so push waited forever on a server that accepts and never replies."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections are accepted by the kernel, and never answered
+    outcome: dict = {}
+
+    def push() -> None:
+        try:
+            push_to_hub(saved, "me/x", token="hf_x", endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                        timeout=0.5, retries=1)
+        except HubError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=push, daemon=True)
+    worker.start()
+    worker.join(60)
+    silent.close()
+    assert not worker.is_alive(), "push_to_hub still waiting on a silent server"
+    assert "could not reach the Hub" in str(outcome["error"]) and "llmprune push" in str(outcome["error"])
+
+
+def test_no_token_fails_before_any_request(saved, monkeypatch, hub):
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(HubError, match="hf auth login"):
+        push_to_hub(saved, "me/x", endpoint=hub.url)
+    assert hub.auth == [] and hub.unexpected == []

@@ -314,7 +314,13 @@ def test_rank_zero_trains_only_norms_and_biases() -> None:
     assert_sparsity_kept(model, keep)
 
 
-def test_a_failed_run_gives_the_model_back_unchanged() -> None:
+@pytest.mark.parametrize("method", ["perp", "lift"])
+@pytest.mark.parametrize("failure", ["interrupted", "diverged"])
+def test_a_failed_run_gives_the_model_back_unchanged(method: str, failure: str) -> None:
+    """PERP drops its adapters; LIFT, which trains weights in place, restores them (before: it left the
+    interrupted or diverged weights in the caller's model)."""
+    from llmprune.recovery.train import TrainingDiverged
+
     model = llama()
     magnitude_prune(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -323,8 +329,9 @@ def test_a_failed_run_gives_the_model_back_unchanged() -> None:
         if step == 2:
             raise RuntimeError("interrupted")
 
-    with pytest.raises(RuntimeError, match="interrupted"):
-        recover(model, input_ids=chain_windows(), steps=5, lr=1e-2, callback=boom)
+    kwargs = {"callback": boom, "lr": 1e-2} if failure == "interrupted" else {"lr": 1e30}
+    with pytest.raises((RuntimeError, TrainingDiverged)):
+        recover(model, method=method, input_ids=chain_windows(), steps=5, **kwargs)
     after = dict(model.named_parameters())
     assert set(after) == set(before)  # no adapter left
     assert all(torch.equal(after[n], before[n]) for n in before)  # norms restored, adapters dropped

@@ -151,7 +151,7 @@ def test_precedence_cli_over_recipe_over_defaults(tmp_path):
     assert r.calibration.seed == 5  # CLI
     assert r.prune.sparsity == "2:4"  # CLI, canonical
     assert r.prune.batch_size == 2  # recipe
-    assert r.calibration.num_calibration_samples == 128  # default
+    assert r.calibration.num_calibration_samples is None  # default: sized to the device at run time
     assert r.prune.options == {"block_size": 64, "dampening_frac": 0.1}  # merged, typed
     # `llmprune eval --batch_size` is the evaluation batch size, `--output_path` the output folder
     r = resolve_recipe({"recipe": str(path), "batch_size": 16, "output_path": "o", "tasks": "a, b"}, "eval")
@@ -199,6 +199,6 @@ def test_every_cli_flag_is_a_recipe_key(command):
     importlib.import_module(f"llmprune.cli.{command}").register(sub)
     dests = {a.dest for a in sub.choices[command]._actions}
     about_the_run = {"help", "recipe", "option", "json", "skip_eval", "sparsities", "no_dense", "dense_model"}
-    about_the_run |= {"checkpoint_dir", "resume"}  # one run's progress, not how it prunes
+    about_the_run |= {"checkpoint_dir", "resume", "overwrite"}  # this run's progress and output
     known = set(FLAG_KEYS) | set(FLAG_KEYS_BY_COMMAND.get(command, {})) | about_the_run
     assert dests - known == set()

@@ -32,7 +32,7 @@ from llmprune.spec import ModuleSelection
 
 LAYERS = 5
 IDS = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2))
-HESSIAN_METHOD = "sparsegpt" if "sparsegpt" in llmprune.available_solvers() else "wanda"
+HESSIAN_METHOD = "sparsegpt"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,6 +128,25 @@ def test_resume_refuses_other_settings_and_needs_consent(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="resume=True"):
         _run(_model(), "wanda", checkpoint_dir=ckpt)
     _run(_model(), "wanda", checkpoint_dir=ckpt, resume=True)  # same settings: fine
+
+
+def test_resume_refuses_other_block_weights_behind_the_same_config_and_embeddings(tmp_path, monkeypatch):
+    """Before: config and embeddings were all the fingerprint knew of the model, so two models that share
+    them were spliced: the first blocks from one, the rest from the other."""
+    ckpt = str(tmp_path / "progress")
+    with monkeypatch.context() as m:
+        _crash_after(m, 1)
+        with pytest.raises(_Crash):
+            _run(_model(), "wanda", checkpoint_dir=ckpt)
+    other = _model()
+    with torch.no_grad():
+        other.model.layers[3].mlp.up_proj.weight.mul_(1.5)  # same config, same embeddings
+    with pytest.raises(ConfigError, match="block 3 holds other weights"):
+        _run(other, "wanda", checkpoint_dir=ckpt, resume=True)
+    same_rest = _model()  # blocks already done are restored from the progress: theirs may differ
+    with torch.no_grad():
+        same_rest.model.layers[0].mlp.up_proj.weight.zero_()
+    _run(same_rest, "wanda", checkpoint_dir=ckpt, resume=True)
 
 
 def test_resume_without_progress_starts_fresh(tmp_path):

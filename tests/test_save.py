@@ -209,7 +209,7 @@ def test_interrupted_save_keeps_previous_contents(tmp_path, monkeypatch):
     monkeypatch.setattr(save_mod, "save_keep_masks", boom)  # after the weights, before the card
     other = tiny_llama(1)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_pruned(other, None, out, result=prune_by_hand(other))
+        save_pruned(other, None, out, result=prune_by_hand(other), overwrite=True)
     assert _snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging folder left behind
 
@@ -232,7 +232,7 @@ def test_failed_swap_restores_the_old_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic_mod.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
-        save_pruned(tiny_llama(1), None, out)
+        save_pruned(tiny_llama(1), None, out, overwrite=True)
     assert _snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
@@ -240,10 +240,11 @@ def test_failed_swap_restores_the_old_folder(tmp_path, monkeypatch):
 def test_successful_save_replaces_a_previous_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
     save_pruned(tiny_llama(0), None, out, max_shard_size="50KB")
-    (out / "stale.txt").write_text("from the old run")
     model = tiny_llama(1)
-    save_pruned(model, None, out)  # unsharded this time: no old shard may survive
-    assert not (out / "stale.txt").exists() and not list(out.glob("model-*.safetensors"))
+    with pytest.raises(ConfigError, match="--overwrite"):  # an earlier output is replaced only when asked
+        save_pruned(model, None, out)
+    save_pruned(model, None, out, overwrite=True)  # unsharded this time: no old shard may survive
+    assert not list(out.glob("model-*.safetensors"))
     assert torch.equal(load_file(str(out / "model.safetensors"))["lm_head.weight"], model.lm_head.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
@@ -260,12 +261,32 @@ def test_refuses_to_overwrite_the_input_model(tmp_path, monkeypatch):
     tiny_llama().save_pretrained(src)
     model = LlamaForCausalLM.from_pretrained(src)
     before = _snapshot(src)
-    for target in (src, tmp_path):  # the folder itself, or a parent that would be replaced
+    # the folder itself, a parent that would be replaced, or a folder inside it (which changes it)
+    for target in (src, tmp_path, src / "pruned"):
         with pytest.raises(ConfigError, match="input model"):
             save_pruned(model, None, target)
     assert _snapshot(src) == before
-    save_pruned(model, None, src / "pruned")  # a subfolder is clearly a different folder
-    assert (src / "pruned" / "config.json").is_file()
+    save_pruned(model, None, tmp_path / "pruned")  # a sibling is clearly a different folder
+    assert (tmp_path / "pruned" / "config.json").is_file()
+
+
+def test_an_earlier_output_with_foreign_files_is_never_replaced(tmp_path):
+    """Before: any folder holding a config.json was replaced whole, the user's files with it."""
+    out = tmp_path / "ckpt"
+    save_pruned(tiny_llama(0), None, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "plots").mkdir()
+    before = _snapshot(out)
+    with pytest.raises(ConfigError, match="notes.txt, plots"):
+        save_pruned(tiny_llama(1), None, out, overwrite=True)
+    assert _snapshot(out) == before and (out / "plots").is_dir()
+    other = tmp_path / "other-model"  # a checkpoint llmprune did not write: refused even with overwrite
+    tiny_llama().save_pretrained(other)
+    (other / "train_log.txt").write_text("mine")
+    snapshot = _snapshot(other)
+    with pytest.raises(ConfigError, match="not written by llmprune"):
+        save_pruned(tiny_llama(1), None, other, overwrite=True)
+    assert _snapshot(other) == snapshot
 
 
 def test_refuses_folders_that_are_not_checkpoints(tmp_path, monkeypatch):

@@ -79,7 +79,13 @@ def _file_texts(path: Path) -> list[str]:
     builder = kinds.pop()
     if builder == "text":  # a text file is one document, not one document per line
         return [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    ds = load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    try:
+        ds = load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except Exception as exc:  # datasets wraps parse errors of any file in its own types
+        raise DataError(
+            f"cannot read {path} as {builder} ({type(exc).__name__}): check the file's format, e.g. one JSON "
+            'object such as {"text": "..."} per line of a .jsonl file.'
+        ) from None
     return _dataset_texts(ds)
 
 
@@ -139,21 +145,21 @@ def sample_windows(texts: list[str], tokenizer, num_samples: int, seq_len: int, 
     lengths = [len(t) for t in texts]  # characters bound tokens from above: skip hopeless documents
     candidates = [i for i, n in enumerate(lengths) if n > seq_len]
     long_docs = [i for i in candidates if len(tokens(i)) > seq_len] if len(candidates) <= 64 else candidates
-    if not long_docs:
-        texts = ["\n\n".join(texts)]
-        cache.clear()
-        if len(tokens(0)) <= seq_len:
-            raise DataError(
-                f"calibration text holds {len(tokens(0))} tokens, fewer than one window of {seq_len}: "
-                "give more "
-                "text or lower max_seq_length."
-            )
-        long_docs = [0]
     windows = []
     while len(windows) < num_samples:
-        doc = long_docs[int(torch.randint(len(long_docs), (1,), generator=gen))]
-        ids = tokens(doc)
-        if len(ids) <= seq_len:
+        if not long_docs:  # no document holds a whole window: sample from all of them joined
+            if len(texts) == 1 and 0 in cache and len(cache[0]) <= seq_len:
+                raise DataError(
+                    f"calibration text holds {len(cache[0])} tokens, fewer than one window of {seq_len}: "
+                    "give more text or lower max_seq_length."
+                )
+            texts = ["\n\n".join(texts)]
+            cache.clear()
+            long_docs = [0]
+        pick = int(torch.randint(len(long_docs), (1,), generator=gen))
+        ids = tokens(long_docs[pick])
+        if len(ids) <= seq_len:  # long in characters, short in tokens: never draw it again
+            del long_docs[pick]
             continue
         start = int(torch.randint(len(ids) - seq_len, (1,), generator=gen))
         windows.append(ids[start : start + seq_len])
@@ -194,6 +200,15 @@ def calibration_tokens(
             raise DataError(
                 f"token tensor must be (num_samples, seq_len) and non-empty, got {tuple(source.shape)}."
             )
+        if source.is_floating_point() or source.dtype == torch.bool:
+            raise DataError(f"token ids must be integers, got {source.dtype}: pass ids.long().")
+        if source.shape[0] < num_samples or source.shape[1] < seq_len:
+            log.warning(
+                "the token tensor holds %d × %d tokens, fewer than the %d × %d asked for: using them all",
+                *source.shape, num_samples, seq_len,
+            )  # fmt: skip
+        elif tuple(source.shape) != (num_samples, seq_len):
+            log.info("using the first %d × %d of the %d × %d tokens", num_samples, seq_len, *source.shape)
         return source[:num_samples, :seq_len].long()
     if isinstance(source, str) and source == "self":
         if model is None:

@@ -49,8 +49,9 @@ from llmprune.calibration.modules import WeightView, find_blocks, prunable_linea
 from llmprune.calibration.resume import Progress, run_fingerprint
 from llmprune.calibration.stats import StatsAccumulator
 from llmprune.errors import ConfigError
-from llmprune.registry import SolverInfo
+from llmprune.registry import SolverInfo, get_solver
 from llmprune.result import BlockReport, ModuleReport, PruneResult
+from llmprune.solvers import fallbacks
 from llmprune.solvers.types import HESSIAN, LayerProblem, LayerStats, reconstruction_error
 from llmprune.spec import ModuleSelection, SparsitySpec
 
@@ -201,23 +202,38 @@ def _module_seed(seed: int, name: str) -> int:
 
 
 def _solve_module(
-    name: str, module: nn.Module, stats: LayerStats, spec: SparsitySpec, cfg: EngineConfig
+    name: str,
+    module: nn.Module,
+    stats: LayerStats,
+    spec: SparsitySpec,
+    cfg: EngineConfig,
+    reached: bool = True,
 ) -> tuple[ModuleReport, Tensor, bool]:
-    """Solve one Linear and write the result: (report, keep-mask on CPU, whether weights were updated)."""
+    """Solve one Linear and write the result: (report, keep-mask on CPU, whether weights were updated).
+
+    A Linear no calibration token ``reached`` has all-zero statistics, on which a data-aware score ties
+    everywhere and would prune columns by position: it is pruned by weight magnitude instead, on purpose,
+    and its report says so (as it says every other fallback).
+    """
     view = WeightView(module)
     weight = view.read()  # (out, in) fp32
     start = time.perf_counter()
     problem = LayerProblem(name=name, weight=weight, stats=stats, spec=spec)
     cuda = [weight.device] if weight.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    solver, options = (cfg.solver, cfg.options) if reached else (get_solver("magnitude"), {})
+    with torch.random.fork_rng(devices=cuda), fallbacks.collect() as notes:
         torch.manual_seed(_module_seed(cfg.seed, name))
-        result = cfg.solver(problem, **cfg.options)
+        if not reached and cfg.solver.needs:
+            fallbacks.note("no_calibration_tokens")
+            log.warning("%s: no calibration token reached it; pruned by weight magnitude", name)
+        result = solver(problem, **options)
     keep = result.keep.to(torch.bool)
     if result.weight is not None and not torch.isfinite(result.weight).all():
         log.warning(
             "%s: solver %s produced non-finite weights; keeping original values", name, cfg.solver.name
         )
         result.weight = None
+        notes.append("kept_original_weights")
     view.write(keep, result.weight)
     seconds = time.perf_counter() - start
     written = view.read()
@@ -229,6 +245,7 @@ def _solve_module(
         sparsity=float((written == 0).sum()) / written.numel(),
         layer_error=error,
         seconds=seconds,
+        fallbacks=notes,
     )
     return report, keep.cpu(), result.weight is not None
 
@@ -298,7 +315,8 @@ def _solve_group(
                 stats = StatsAccumulator(
                     WeightView(modules[name]).shape[1], cfg.solver.needs, device
                 ).empty_stats()
-            report, keep, updated = _solve_module(name, modules[name], stats, specs[name], cfg)
+            reached = name in accs and stats.num_tokens > 0
+            report, keep, updated = _solve_module(name, modules[name], stats, specs[name], cfg, reached)
         keep, report = comm.share_solution(owner, modules[name], keep, report, updated)
         result.modules[name] = report
         result.keep_masks[name] = keep

@@ -39,8 +39,10 @@ from torch import Tensor, nn
 from llmprune.calibration.capture import BlockInputs, DiskList
 from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import Comm
+from llmprune.calibration.modules import find_blocks
 from llmprune.errors import ConfigError, ModelLoadError
 from llmprune.io.atomic import atomic_write, fsync_dir, fsync_file, link_or_copy, temp_path
+from llmprune.io.fingerprint import tensors_digest
 from llmprune.io.masks import load_keep_masks, save_keep_masks
 from llmprune.io.safetensors import save_tensors
 from llmprune.result import BlockReport, ModuleReport, PruneResult
@@ -81,9 +83,23 @@ def _tensor_hash(t: Tensor) -> str:
 
 
 def run_fingerprint(
-    cfg, model: nn.Module, input_ids: Tensor, num_blocks: int, device: torch.device
+    cfg,
+    model: nn.Module,
+    input_ids: Tensor,
+    num_blocks: int,
+    device: torch.device,
+    block_weights: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Everything that changes the pruned weights. ``cfg`` is the engine's ``EngineConfig``."""
+    """Everything that changes the pruned weights. ``cfg`` is the engine's ``EngineConfig``.
+
+    ``block_weights`` identifies the weights as loaded: one digest per decoder block (computed here for a
+    model in memory), or one digest of the checkpoint files for a streamed model (given by the caller).
+    """
+    if block_weights is None:
+        blocks = find_blocks(model)[1]
+        on_meta = any(p.device.type == "meta" for b in blocks for p in b.parameters())
+        block_weights = [] if on_meta else [tensors_digest(b.named_parameters()) for b in blocks]
+
     sel = cfg.selection
     config = {
         k: v
@@ -109,6 +125,7 @@ def run_fingerprint(
         ).hexdigest(),
         "embeddings_hash": _tensor_hash(embeddings),
         "num_blocks": num_blocks,
+        "block_weights": block_weights,
         "dtype": str(embeddings.dtype),
         "device": device.type,
     }
@@ -168,7 +185,8 @@ class Progress:
                     "(--resume) to continue it, or remove the folder (or choose another checkpoint_dir) to "
                     "start over."
                 )
-            _check_fingerprint(prog.folder, state.get("fingerprint", {}), fingerprint)
+            saved = state.get("fingerprint", {})
+            _check_fingerprint(prog.folder, saved, fingerprint, int(state["next_block"]))
             prog.next_block = int(state["next_block"])
             log.info("resuming from %s: %s", prog.folder, done)
         elif resume:
@@ -323,12 +341,20 @@ def discard_progress(folder: str | os.PathLike | None, comm: Comm | None = None)
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_fingerprint(folder: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def _check_fingerprint(folder: Path, saved: dict[str, Any], now: dict[str, Any], done: int = 0) -> None:
+    """Refuse other settings or other weights. The blocks already done are restored from ``folder``, so
+    only the weights of the blocks still to prune must match the original run's."""
     diffs = [
         f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
         for k in sorted(set(saved) | set(now))
-        if saved.get(k) != now.get(k)
+        if k != "block_weights" and saved.get(k) != now.get(k)
     ]
+    before, after = saved.get("block_weights") or [], now.get("block_weights") or []
+    per_block = len(before) == len(after) == saved.get("num_blocks")
+    if (before[done:] != after[done:]) if per_block else before != after:
+        changed = [i for i in range(done, len(after)) if per_block and before[i] != after[i]]
+        where = f"block {changed[0]}" if changed else "the checkpoint files"
+        diffs.append(f"block_weights: {where} holds other weights than when the run started")
     if diffs:
         raise ConfigError(
             f"cannot resume from {folder}: it was made with other settings ({'; '.join(diffs)}). Fix: rerun "

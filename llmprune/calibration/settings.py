@@ -8,6 +8,7 @@ and each message names the fix. The calibration tokens are read here too, by ran
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,8 +22,11 @@ from llmprune.calibration.distributed import Comm
 from llmprune.calibration.engine import EngineConfig
 from llmprune.calibration.resume import resolve_checkpoint_dir
 from llmprune.errors import ConfigError, DataError
+from llmprune.preflight import check_dataset, check_token_ids, window_length
 from llmprune.registry import get_solver
 from llmprune.spec import ModuleSelection
+
+log = logging.getLogger(__name__)
 
 
 def is_model_path(model: Any) -> bool:
@@ -98,20 +102,51 @@ def calibration_ids(
     model: nn.Module,
     dataset: Any,
     tokenizer,
-    num_samples: int,
-    max_seq_length: int,
+    num_samples: int | None,
+    max_seq_length: int | None,
     seed: int,
     comm: Comm,
 ) -> Tensor:
     """The calibration tokens ``(N, L)``: read on rank 0 and sent to the others (every rank then
     calibrates the same batches). ``model`` gives the position limit and, for ``dataset='self'``, the text.
+    ``None`` sizes come from the model, the device and a token tensor's own shape (``calibration_size``).
     """
-    max_len = getattr(model.config, "max_position_embeddings", None)
-    if max_len and max_seq_length > max_len:
-        raise ConfigError(
-            f"max_seq_length {max_seq_length} exceeds the model's {max_len} positions: lower it."
-        )
+    num_samples, max_seq_length = calibration_size(model, dataset, num_samples, max_seq_length)
     if not comm.is_main:
         return comm.broadcast_tokens(torch.empty(0, 0, dtype=torch.int64))
     ids = calibration_tokens(dataset, tokenizer, num_samples, max_seq_length, seed, model=model)
+    check_token_ids(ids, getattr(model.config, "vocab_size", None))
     return comm.broadcast_tokens(ids)
+
+
+def default_num_samples(device: torch.device | str) -> int:
+    """128 windows (the papers' setting) on a GPU; 32 on CPU, where 128 × 2048 tokens take an hour."""
+    return 32 if torch.device(device).type == "cpu" else 128
+
+
+def calibration_size(
+    model: nn.Module, dataset: Any, num_samples: int | None, max_seq_length: int | None
+) -> tuple[int, int]:
+    """``(windows, tokens per window)`` for a run, with one position rule (``preflight.window_length``).
+
+    A token tensor brings its own shape: asking for fewer rows or a narrower window cuts it (and says
+    so); asking for more than it holds uses what it holds (and says so).
+    """
+    if isinstance(dataset, Tensor):
+        check_dataset(dataset)
+        rows, width = map(int, dataset.shape)
+        seq = width if max_seq_length is None else min(max_seq_length, width)
+        count = rows if num_samples is None else min(num_samples, rows)
+        if (max_seq_length or 0) > width or (num_samples or 0) > rows:
+            log.warning(
+                "the token tensor holds %d × %d tokens: calibrating on %d × %d, not the %s × %s asked for",
+                rows, width, count, seq, num_samples or rows, max_seq_length or width,
+            )
+        elif (count, seq) != (rows, width):
+            log.info("calibrating on the first %d × %d of the %d × %d token tensor", count, seq, rows, width)
+        return count, window_length(seq, model.config)
+    device = next(model.parameters()).device
+    if device.type == "meta":  # a streaming skeleton: the compute device decides
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    count = default_num_samples(device) if num_samples is None else num_samples
+    return count, window_length(max_seq_length, model.config)

@@ -10,6 +10,7 @@ import argparse
 import logging
 from typing import Any
 
+from llmprune.cli.flags import EVAL_LIMIT_HELP, eval_limit
 from llmprune.io.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("perplexity")
     g.add_argument("--eval_dataset", help="held-out text (default: built-in Austen novels); 'none' to skip")
     g.add_argument("--max_seq_length", type=int, help="perplexity window (default 2048, at most the model's)")
-    g.add_argument(
-        "--eval_limit", type=int, help="perplexity on this many evenly spaced windows (default all)"
-    )
+    g.add_argument("--eval_limit", type=eval_limit, help=EVAL_LIMIT_HELP)
     g.add_argument("--batch_size", type=int, help="sequences per forward, both parts (default 8)")
     g = p.add_argument_group("output")
-    g.add_argument("--output_path", help="folder for results.json, results.md and recipe.yaml")
+    g.add_argument(
+        "--output_path",
+        help="folder for results.json, results.md and recipe.yaml (eval_recipe.yaml in a model folder); "
+        "nothing is written without it",
+    )
     p.set_defaults(func=run)
 
 
@@ -59,17 +62,7 @@ def evaluate(recipe, model, tokenizer, *, tasks: list[str], perplexity: bool = T
 
     out: dict[str, Any] = {"perplexity": None, "lm_eval": None}
     if perplexity:
-        kwargs = recipe.perplexity_kwargs()
-        positions = getattr(model.config, "max_position_embeddings", None)
-        if positions and kwargs["max_seq_length"] > positions:
-            log.warning(
-                "perplexity window %d exceeds the model's %d positions: using %d",
-                kwargs["max_seq_length"],
-                positions,
-                positions,
-            )
-            kwargs["max_seq_length"] = positions
-        out["perplexity"] = measure(model, tokenizer, **kwargs)
+        out["perplexity"] = measure(model, tokenizer, **recipe.perplexity_kwargs())
     if tasks:
         out["lm_eval"] = lm_eval_scores(model, tokenizer, **{**recipe.lm_eval_kwargs(), "tasks": tasks})
     return out
@@ -98,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.evaluation.harness import DEFAULT_TASKS, task_manager
     from llmprune.io.models import load_model
+    from llmprune.preflight import before_loading
     from llmprune.recipe import resolve_recipe
     from llmprune.reports import write_report
 
@@ -109,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
     tasks = [] if skip_tasks else list(recipe.eval.tasks or DEFAULT_TASKS)
     if tasks:
         task_manager(tasks, recipe.eval.include_path)  # unknown task names fail before the model loads
+    before_loading(
+        recipe.model.name,
+        device=recipe.model.device,
+        eval_dataset=None if skip_ppl else recipe.eval.eval_dataset,
+        max_seq_length=None if skip_ppl else recipe.eval.max_seq_length,
+    )
     model, tok = load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
     results = {
         "model": recipe.model.name,
@@ -116,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
     }
     results["recipe"] = recipe.to_dict()
     print(format_table(results))
-    if recipe.output_dir:
-        out = Path(recipe.output_dir)
+    if args.output_path:  # only when told: a recipe's output_dir is the pruned model's folder, not ours
+        out = Path(args.output_path)
         write_report(out, results, plots=False)
-        recipe.save(out / "recipe.yaml")
+        # beside a model, keep the model's own recipe.yaml: it is what made the weights
+        holds_model = (out / "config.json").is_file() or (out / "sparsity.json").is_file()
+        recipe.save(out / ("eval_recipe.yaml" if holds_model else "recipe.yaml"))
         print(f"results written to {out / 'results.json'}")
     return 0

@@ -34,10 +34,23 @@ def add_pruning_flags(p: argparse.ArgumentParser, with_sparsity: bool = True) ->
 def add_calibration_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--dataset", help="calibration text: file, folder, Hub dataset, c4, wikitext2, self")
-    g.add_argument("--num_calibration_samples", type=int, help="windows of text (default 128)")
-    g.add_argument("--max_seq_length", type=int, help="tokens per window (default 2048)")
+    g.add_argument(
+        "--num_calibration_samples", type=int, help="windows of text (default 128 on a GPU, 32 on CPU)"
+    )
+    g.add_argument(
+        "--max_seq_length", type=int, help="tokens per window (default 2048, at most the model's positions)"
+    )
     g.add_argument("--seed", type=int, help="sampling seed (default 0)")
     g.add_argument("--batch_size", type=int, help="windows per forward (default 8)")
+
+
+def eval_limit(text: str) -> int | str:
+    """``--eval_limit``: a number of evenly spaced perplexity windows, or ``all`` (the recipe checks it)."""
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+EVAL_LIMIT_HELP = "perplexity on this many evenly spaced windows, or 'all' (default: 32768 tokens' worth)"
 
 
 def add_scale_flags(p: argparse.ArgumentParser) -> None:

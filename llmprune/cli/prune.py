@@ -20,7 +20,14 @@ import sys
 import time
 from typing import Any
 
-from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags, add_scale_flags
+from llmprune.cli.flags import (
+    EVAL_LIMIT_HELP,
+    add_calibration_flags,
+    add_model_flags,
+    add_pruning_flags,
+    add_scale_flags,
+    eval_limit,
+)
 from llmprune.cli.table import render_table
 from llmprune.io.models import EMBEDDED_LICENSES
 
@@ -44,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default: --max_seq_length)")
-    g.add_argument("--eval_limit", type=int, help="evaluate this many evenly spaced windows (default: all)")
+    g.add_argument("--eval_limit", type=eval_limit, help=EVAL_LIMIT_HELP)
     g.add_argument("--eval_batch_size", type=int, help="windows per perplexity forward (default 2)")
     g.add_argument("--skip_eval", action="store_true", help="no perplexity")
     g.add_argument("--tasks", help="lm-eval tasks, comma-separated (e.g. llmprune_mc)")
@@ -54,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", help="write the pruned checkpoint here (atomically)")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace --output_dir if an earlier llmprune run wrote it"
+    )
     p.set_defaults(func=run)
 
 
@@ -79,16 +89,22 @@ def run(args: argparse.Namespace) -> int:
     import llmprune
     from llmprune.calibration.distributed import Comm, current_comm
     from llmprune.calibration.resume import discard_progress, resolve_checkpoint_dir
+    from llmprune.preflight import after_loading, check_recipe
     from llmprune.recipe import resolve_recipe
 
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     recipe = resolve_recipe(args, command="prune")  # a bad recipe or flag fails before loading anything
+    check_recipe(recipe, overwrite=args.overwrite, evaluate=not args.skip_eval)
     if recipe.model.streaming:
         return _run_streaming(args, recipe)
     checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, recipe.output_dir, args.resume)
     comm = current_comm()  # before loading: under torchrun this picks each rank's GPU
     model, tok = llmprune.load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
+    after_loading(model, recipe.selection())  # a selection that matches nothing fails before any scoring
+    _check_world(model, recipe, comm.world)  # before rank 0 scores the dense model
+    if comm.is_main:
+        _announce(model, tok, recipe, args.skip_eval)
     dense = _scores(model, tok, recipe, args.skip_eval) if comm.is_main else {}
     teacher = copy.deepcopy(model) if recipe.recover.needs_dense_model and comm.is_main else None
     t0 = time.perf_counter()
@@ -101,9 +117,15 @@ def run(args: argparse.Namespace) -> int:
     recovery = None
     if recipe.recover.method:
         from llmprune.calibration.data import calibration_tokens
+        from llmprune.calibration.settings import calibration_size
         from llmprune.recovery import recover
 
         windows = recipe.recover_windows_kwargs()
+        windows["num_samples"] = windows["num_samples"] or result.num_calibration_samples or None
+        windows["seq_len"] = windows["seq_len"] or result.max_seq_length or None
+        windows["num_samples"], windows["seq_len"] = calibration_size(
+            model, windows["source"], windows["num_samples"], windows["seq_len"]
+        )
         ids = calibration_tokens(
             windows.pop("source"),
             tok,
@@ -121,9 +143,17 @@ def run(args: argparse.Namespace) -> int:
     if recipe.output_dir:
         from llmprune.io.save import save_pruned
 
+        recipe = _resolved_sizes(recipe, result)
         metrics = {"perplexity": _ppl_metric(summary, recipe), "lm_eval": summary["lm_eval"]}
         save_pruned(
-            model, tok, recipe.output_dir, result=result, recipe=recipe, run_info=summary, metrics=metrics
+            model,
+            tok,
+            recipe.output_dir,
+            result=result,
+            recipe=recipe,
+            run_info=summary,
+            metrics=metrics,
+            overwrite=args.overwrite,
         )
         summary["output_dir"] = recipe.output_dir
     discard_progress(checkpoint_dir, Comm())  # the run is complete; the other ranks have left already
@@ -155,6 +185,7 @@ def _run_streaming(args: argparse.Namespace, recipe) -> int:
         **kwargs,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
+        overwrite=args.overwrite,
         recipe=recipe.to_dict(),
         run_info={k: v for k, v in run_info.items() if v is not None},
     )
@@ -165,6 +196,50 @@ def _run_streaming(args: argparse.Namespace, recipe) -> int:
     summary["output_dir"] = recipe.output_dir
     print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
     return 0
+
+
+def _check_world(model, recipe, world: int) -> None:
+    from llmprune.calibration.settings import calibration_size
+    from llmprune.preflight import check_world
+    from llmprune.registry import get_solver
+
+    if world > 1 and (get_solver(recipe.prune.method).needs or recipe.prune.true_sequential):
+        c = recipe.calibration
+        count, _ = calibration_size(model, c.dataset, c.num_calibration_samples, c.max_seq_length)
+        check_world(count, recipe.prune.batch_size, world)
+
+
+def _announce(model, tok, recipe, skip_eval: bool) -> None:
+    """Say how long calibration and evaluation will take, before they start."""
+    from llmprune.calibration.settings import calibration_size
+    from llmprune.estimate import announce
+    from llmprune.evaluation.perplexity import eval_windows, window_count
+    from llmprune.preflight import window_length
+    from llmprune.registry import get_solver
+
+    c = recipe.calibration
+    data_free = not get_solver(recipe.prune.method).needs and not recipe.prune.true_sequential
+    calibration = None
+    if not data_free:
+        calibration = calibration_size(model, c.dataset, c.num_calibration_samples, c.max_seq_length)
+    evaluation = None
+    if not skip_eval:
+        kwargs = recipe.perplexity_kwargs()
+        length = window_length(kwargs["max_seq_length"], model.config, "--eval_max_seq_length")
+        count = window_count(kwargs["limit"], length) or "all"
+        evaluation = (len(eval_windows(tok, kwargs["dataset"], length, count)), length)
+    announce(model, calibration=calibration, evaluation=evaluation)
+
+
+def _resolved_sizes(recipe, result):
+    """The saved recipe names the calibration sizes the run used, not ``null`` (= sized at run time)."""
+    sizes = {
+        "calibration.num_calibration_samples": recipe.calibration.num_calibration_samples
+        or result.num_calibration_samples
+        or None,
+        "calibration.max_seq_length": recipe.calibration.max_seq_length or result.max_seq_length or None,
+    }
+    return recipe.with_overrides(sizes)
 
 
 def _command() -> str | None:
@@ -185,6 +260,7 @@ def _summary(recipe, result, prune_seconds: float, dense, pruned, recovery) -> d
         else None,
         "recovery": recovery.to_dict() if recovery is not None and hasattr(recovery, "to_dict") else None,
         "calibration_hash": result.calibration_hash,
+        "fallbacks": result.fallbacks,
         "command": _command(),
     }
     if recipe.model.name in EMBEDDED_LICENSES:
@@ -218,10 +294,20 @@ def format_table(summary: dict[str, Any]) -> str:
     for task, (d, p) in _task_pairs(summary.get("lm_eval")):
         rows.append((task, d, p))
     rows.append(("sparsity (block Linears)", "0.00%", f"{100 * summary['achieved_sparsity']:.2f}%"))
+    rows.append(("fallbacks (see sparsity.json)", "", _fallback_counts(summary.get("fallbacks") or {})))
     rows.append(("prune wall time", "", f"{summary['prune_seconds']:.1f} s"))
     rows.append(("peak RSS", "", f"{summary['peak_rss_mib']:.0f} MiB"))
     title = f"{summary['model']} · {summary['method']} · {summary['sparsity']}"
     return render_table(title, rows, summary.get("output_dir"))
+
+
+def _fallback_counts(fallbacks: dict[str, list[str]]) -> str:
+    """``"2 diagonal_hessian, 1 kept_original_weights"``: modules per fallback kind, or ``none``."""
+    counts: dict[str, int] = {}
+    for kinds in fallbacks.values():
+        for kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none"
 
 
 def _task_pairs(lm_eval: dict[str, Any] | None):

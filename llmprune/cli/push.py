@@ -12,6 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached `hf auth login`)")
     p.add_argument("--commit_message", default="Upload pruned model (llmprune)", help="commit message")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds without an answer before a retry (default 60)"
+    )
+    p.add_argument("--retries", type=int, default=2, help="retries after a network failure (default 2)")
     p.set_defaults(func=run)
 
 
@@ -24,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         private=args.private,
         token=args.token,
         commit_message=args.commit_message,
+        timeout=args.timeout,
+        retries=args.retries,
     )
     print(f"pushed {args.output_dir} to {url}")
     return 0

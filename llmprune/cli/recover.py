@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmprune.cli.flags import EVAL_LIMIT_HELP, eval_limit
 from llmprune.cli.table import render_table
 from llmprune.io.models import DEFAULT_MODEL
 from llmprune.recipe import parse_options
@@ -27,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "distill": None,  # None: 1 with --dense_model (retrain), else 0
     "dataset": None,
     "num_calibration_samples": 256,
-    "max_seq_length": 256,
+    "max_seq_length": None,  # None: 256, or the model's positions if fewer
     "seed": 0,
     "recover_steps": 100,
     "recover_max_seconds": None,
@@ -71,16 +72,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("training data")
     g.add_argument("--dataset", help="training text: file, folder, Hub dataset, c4 (default built-in)")
     g.add_argument("--num_calibration_samples", type=int, help="training windows (default 256)")
-    g.add_argument("--max_seq_length", type=int, help="tokens per window (default 256)")
+    g.add_argument("--max_seq_length", type=int, help="tokens per window (default 256, at most the model's)")
     g.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default 512)")
-    g.add_argument("--eval_limit", type=int, help="evaluate this many evenly spaced windows (default: all)")
+    g.add_argument("--eval_limit", type=eval_limit, help=EVAL_LIMIT_HELP)
     g.add_argument("--eval_batch_size", type=int, help="windows per perplexity forward (default 2)")
     g.add_argument("--skip_eval", action="store_true", default=None, help="no perplexity")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", help="write the recovered checkpoint here (atomically)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace --output_dir if an earlier llmprune run wrote it"
+    )
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -125,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.errors import ConfigError
     from llmprune.evaluation.perplexity import perplexity
     from llmprune.io.models import load_model
+    from llmprune.preflight import before_loading, check_teacher, check_typed, max_positions
     from llmprune.recovery import method_options, recover
     from llmprune.recovery.api import distill_problem
 
@@ -134,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ConfigError(f"unknown {s['method']} option {unknown[0]!r}: use one of {', '.join(allowed)}.")
+    check_typed(allowed, options, f"recovery method {s['method']!r}", "--option")
     if s["mode"] == "reconstruct" and not s["dense_model"]:
         raise ConfigError("--mode reconstruct needs --dense_model PATH (the dense checkpoint to match).")
     problem = distill_problem(s["distill"], s["mode"])
@@ -141,9 +147,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--distill {problem}")
     if s["distill"] and not s["dense_model"]:
         raise ConfigError("--distill needs --dense_model PATH (the dense checkpoint, the teacher).")
+    config = before_loading(
+        s["model"],
+        output_dir=s["output_dir"],
+        overwrite=args.overwrite,
+        dataset=s["dataset"],
+        device=s["device"],
+        max_seq_length=s["max_seq_length"],
+        eval_dataset=None if s["skip_eval"] else s["eval_dataset"],
+    )
+    if s["dense_model"]:
+        teacher_config = before_loading(s["dense_model"])
+        check_teacher(config, teacher_config, s["dense_model"])
     model, tok = load_model(s["model"], dtype=s["dtype"], device=s["device"])
     dense = load_model(s["dense_model"], dtype=s["dtype"], device="cpu")[0] if s["dense_model"] else None
-    eval_len = s["eval_max_seq_length"] or 512
+    if dense is not None:
+        check_teacher(model.config, dense.config, s["dense_model"])
+    eval_len = s["eval_max_seq_length"] or min(512, max_positions(model.config) or 512)
+    s["max_seq_length"] = s["max_seq_length"] or min(256, max_positions(model.config) or 256)
 
     def measure() -> dict[str, float] | None:
         if s["skip_eval"]:
@@ -185,7 +206,10 @@ def run(args: argparse.Namespace) -> int:
                     "windows": after["windows"],
                 }
             }
-        save_pruned(model, tok, s["output_dir"], recipe=recipe, run_info=summary, metrics=metrics)
+        save_pruned(
+            model, tok, s["output_dir"], recipe=recipe, run_info=summary, metrics=metrics,
+            overwrite=args.overwrite,
+        )  # fmt: skip
         summary["output_dir"] = s["output_dir"]
     print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
     return 0

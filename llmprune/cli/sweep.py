@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags
+from llmprune.cli.flags import (
+    EVAL_LIMIT_HELP,
+    add_calibration_flags,
+    add_model_flags,
+    add_pruning_flags,
+    eval_limit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default: --max_seq_length)")
-    g.add_argument("--eval_limit", type=int, help="evaluate this many evenly spaced windows (default: all)")
+    g.add_argument("--eval_limit", type=eval_limit, help=EVAL_LIMIT_HELP)
     g = p.add_argument_group("output")
     g.add_argument(
         "--output_dir", help="folder for sweep.json, sweep.md and sweep.png (default sweep-<method>)"
@@ -62,6 +68,7 @@ def sweep_markdown(title: str, dense: dict[str, Any] | None, points: list[dict[s
 def run(args: argparse.Namespace) -> int:
     import llmprune
     from llmprune.errors import ConfigError
+    from llmprune.preflight import check_recipe
     from llmprune.recipe import resolve_recipe
     from llmprune.reports import plot_sparsity_curve, write_json, write_text
 
@@ -77,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("the recipe's recover section is ignored by sweep: points are one-shot pruning only")
     name, method = base.model.name, base.prune.method
     out = Path(base.output_dir or f"sweep-{method}")
+    check_recipe(base.with_overrides({"output_dir": None}))  # sweep writes reports, not a checkpoint
 
     dense, points = None, []
     for i, recipe in enumerate(recipes):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmprune.errors import ConfigError, LlmpruneError
@@ -20,6 +23,8 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$|^[A-Za
 
 class HubError(LlmpruneError, ConnectionError):
     """The Hub could not be reached, or refused the upload."""
+
+    transient = False  # True when retrying may help (timeouts, 5xx)
 
 
 def check_repo_id(hub_model_id: str | None) -> str:
@@ -39,14 +44,19 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload pruned model (llmprune)",
     endpoint: str | None = None,
+    timeout: float = 60.0,
+    retries: int = 2,
 ) -> str:
     """Create ``hub_model_id`` if needed and upload the folder; return the repository URL.
+
+    Nothing waits forever: the token is checked first (one small request), every request has a
+    ``timeout`` in seconds (connect and between bytes), and a network failure is retried ``retries``
+    times with a growing pause before it becomes one error that names the fix.
 
     >>> push_to_hub("out/wanda-2of4", "me/SmolLM2-135M-wanda-2of4", private=True)  # doctest: +SKIP
     'https://huggingface.co/me/SmolLM2-135M-wanda-2of4'
     """
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub import HfApi, constants, get_token
 
     folder = Path(output_dir).expanduser()
     check_repo_id(hub_model_id)
@@ -58,6 +68,69 @@ def push_to_hub(
         raise HubError("HF_HUB_OFFLINE is set, so the Hub is disabled: unset HF_HUB_OFFLINE to push.")
     api = HfApi(endpoint=endpoint, token=token)
     where = api.endpoint
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            "no Hub token found: log in with `hf auth login`, set HF_TOKEN, or pass --token with a token "
+            "that can write to that namespace."
+        )
+    with bounded_session(timeout):
+        _with_retries(lambda: _check_token(api, token, hub_model_id), where, retries)
+        return _with_retries(
+            lambda: _upload(api, folder, hub_model_id, private, commit_message), where, retries
+        )
+
+
+def _check_token(api, token: str, hub_model_id: str) -> None:
+    """One small authenticated request before any upload: a bad token fails in seconds."""
+    from huggingface_hub.utils import get_session
+
+    url = f"{api.endpoint}/api/whoami-v2"
+    response = get_session().get(url, headers={"authorization": f"Bearer {token}"})
+    if response.status_code in (401, 403):
+        raise HubError(
+            f"the Hub at {api.endpoint} refused the token ({response.status_code}) for {hub_model_id}: log "
+            "in with `hf auth login`, set HF_TOKEN, or pass --token with a token that has write access."
+        )
+
+
+@contextmanager
+def bounded_session(timeout: float) -> Iterator[None]:
+    """huggingface_hub's shared HTTP client waits forever by default: bound it for this push only."""
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    previous = session.timeout
+    session.timeout = type(previous)(timeout, connect=min(timeout, 10.0))
+    try:
+        yield
+    finally:
+        session.timeout = previous
+
+
+def _with_retries(call, where: str, retries: int):
+    """Run ``call``; retry network failures (not refusals) ``retries`` times, 1 s, 2 s, 4 s … apart."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except HubError:
+            raise
+        except Exception as exc:
+            error = _as_hub_error(exc, where)
+            if error is None:
+                raise
+            if not getattr(error, "transient", False) or attempt == retries:
+                raise error from exc
+            pause = 2**attempt
+            name = type(exc).__name__
+            log.warning("the Hub at %s did not answer (%s): retrying in %d s", where, name, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _upload(api, folder: Path, hub_model_id: str, private: bool, commit_message: str) -> str:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     try:
         # private=None, not False: without --private the namespace's default applies (an organisation
         # that makes repositories private by default stays private)
@@ -71,22 +144,29 @@ def push_to_hub(
         )
     except OfflineModeIsEnabled as exc:
         raise HubError(f"{exc}") from exc
-    except HfHubHTTPError as exc:
+    return str(repo)
+
+
+def _as_hub_error(exc: BaseException, where: str) -> HubError | None:
+    """A HubError for network and HTTP failures (``transient`` when a retry may help), else None."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
-            raise HubError(
-                f"the Hub at {where} refused the upload to {hub_model_id} ({status}): log in with "
-                "`hf auth login`, "
-                "set HF_TOKEN, or pass --token with a token that has write access to that namespace."
-            ) from exc
-        raise HubError(f"the Hub at {where} rejected the upload to {hub_model_id}: {exc}") from exc
-    except (OSError, ConnectionError) as exc:
-        raise HubError(_unreachable(where, exc)) from exc
-    except Exception as exc:  # httpx transport errors are not OSErrors
-        if type(exc).__module__.split(".")[0].startswith("httpx"):
-            raise HubError(_unreachable(where, exc)) from exc
-        raise
-    return str(repo)
+            return HubError(
+                f"the Hub at {where} refused the upload ({status}): log in with `hf auth login`, set "
+                "HF_TOKEN, or pass --token with a token that has write access to that namespace."
+            )
+        error = HubError(f"the Hub at {where} rejected the upload: {exc}")
+        error.transient = status is None or status >= 500 or status == 429
+        return error
+    transport = type(exc).__module__.split(".")[0].startswith("httpx")  # httpx errors are not OSErrors
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)) or transport:
+        error = HubError(_unreachable(where, exc))
+        error.transient = True
+        return error
+    return None
 
 
 def _unreachable(where: str, exc: BaseException) -> str:

@@ -89,15 +89,15 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     transposed = config.get("model_type") in _CONV1D_MODEL_TYPES
     modules: dict[str, dict[str, Any]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                shape = list(handle.get_slice(key).get_shape())
-                if not is_linear_weight(key, shape):
-                    continue
-                weight = handle.get_tensor(key)
-                if transposed and _CONV1D_NAMES.search(key):
-                    weight = weight.t()  # Conv1D stores (in, out)
-                modules[key.removesuffix(".weight")] = weight_stats(weight)
+        try:
+            modules.update(_file_stats(safe_open, file, transposed))
+        except Exception as exc:  # safetensors raises its own error type for damaged files
+            if type(exc).__module__.split(".")[0] != "safetensors" and not isinstance(exc, OSError):
+                raise
+            raise ModelLoadError(
+                f"{file} is not a readable safetensors file ({exc}): the download or copy is damaged; "
+                "fetch or save it again."
+            ) from None
     modules = dict(sorted(modules.items(), key=lambda kv: _natural_key(kv[0])))  # layers.2 before layers.10
     saved = _read_json(folder / "sparsity.json") or {}
     for name, info in modules.items():
@@ -119,6 +119,20 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "metrics": (run_info or {}).get("metrics"),
         "has_masks": (folder / "masks.safetensors").is_file(),
     }
+
+
+def _file_stats(safe_open, file: Path, transposed: bool) -> dict[str, dict[str, Any]]:
+    out = {}
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            shape = list(handle.get_slice(key).get_shape())
+            if not is_linear_weight(key, shape):
+                continue
+            weight = handle.get_tensor(key)
+            if transposed and _CONV1D_NAMES.search(key):
+                weight = weight.t()  # Conv1D stores (in, out)
+            out[key.removesuffix(".weight")] = weight_stats(weight)
+    return out
 
 
 def _natural_key(name: str) -> list:

@@ -34,9 +34,8 @@ from llmprune.version import RECIPE_VERSION, __version__
 
 
 def candidate_modules(model: nn.Module, result: PruneResult | None) -> dict[str, nn.Module]:
-    """The reported matrices: the run's modules, else every prunable Linear inside the decoder blocks."""
-    if result is not None and result.modules:
-        return {name: model.get_submodule(name) for name in result.modules}
+    """The reported matrices: every prunable Linear inside the decoder blocks, pruned or left dense by the
+    selection (so ``overall_sparsity`` counts the ignored ones too, as ``PruneResult`` does)."""
     try:
         prefix, blocks = find_blocks(model)
     except ConfigError:
@@ -71,6 +70,7 @@ def module_entry(weight: Tensor, report=None) -> dict[str, Any]:
     if report is not None:
         info["layer_error"] = report.layer_error
         info["seconds"] = report.seconds
+        info["fallbacks"] = list(report.fallbacks)
     return info
 
 

@@ -36,6 +36,7 @@ from llmprune.io.masks import (  # noqa: F401 - re-exported: checkpoint readers 
     write_packed_keep_masks,
 )
 from llmprune.io.models import clear_quantization
+from llmprune.io.output_dir import check_output_dir as check_folder
 from llmprune.io.provenance import (  # noqa: F401 - sparsity_report re-exported for callers of io.save
     keep_masks_from_weights,
     resolved_recipe,
@@ -72,37 +73,10 @@ _TOKENIZER_FILES = (
 # ---------------------------------------------------------------- the output folder
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    return any((path / n).exists() for n in ("config.json", "sparsity.json")) or any(
-        path.glob("*.safetensors")
-    )
-
-
-def check_output_dir(output_dir: Path, model: nn.Module | None = None) -> None:
-    """Refuse targets whose replacement would destroy something: the input model, the cwd, other files."""
-    target = output_dir.resolve()
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"output_dir {output_dir} is a file: choose a folder path.")
+def check_output_dir(output_dir: Path, model: nn.Module | None = None, overwrite: bool = False) -> None:
+    """Refuse targets whose replacement would destroy something (``llmprune.io.output_dir``'s rules)."""
     sources = {source_model(model), getattr(getattr(model, "config", None), "_name_or_path", None)}
-    for source in sources - {None, ""}:  # a model built from a config has no source
-        src = Path(str(source)).expanduser()
-        if src.exists() and (target == src.resolve() or target in src.resolve().parents):
-            raise ConfigError(
-                f"output_dir {output_dir} holds the model being pruned ({source}); writing there would "
-                "replace "
-                "the input model. Fix: choose a new folder, e.g. --output_dir ./pruned-model."
-            )
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise ConfigError(
-            f"output_dir {output_dir} is (or contains) the current directory: choose a subfolder."
-        )
-    if target.is_dir() and any(target.iterdir()) and not _is_checkpoint_dir(target):
-        raise ConfigError(
-            f"output_dir {output_dir} exists and holds files that are not a checkpoint; llmprune "
-            "replaces the "
-            "whole folder. Fix: choose a new or empty folder."
-        )
+    check_folder(output_dir, overwrite=overwrite, inputs=sources, flag="output_dir")
 
 
 # ---------------------------------------------------------------- the writer
@@ -151,6 +125,7 @@ def save_pruned(
     run_info: dict | None = None,
     metrics: dict | None = None,
     save_masks: bool = True,
+    overwrite: bool = False,
     max_shard_size: str = "5GB",
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
@@ -162,6 +137,8 @@ def save_pruned(
     ``recipe`` is a dict or a ``llmprune.recipe.Recipe``. ``run_info`` entries are merged into
     ``run_info.json`` (e.g. ``command``, ``base_model``, ``license``); ``metrics`` is free-form, e.g.
     ``{"perplexity": {"dense": 12.1, "pruned": 14.3, "dataset": "wikitext2", "seq_len": 512}}``.
+    An existing ``output_dir`` is replaced only if an earlier llmprune run wrote it and ``overwrite=True``;
+    a folder holding anything else is refused (``llmprune.io.output_dir``).
 
     >>> save_pruned(model, tok, "out/wanda-50", result=result, metrics=metrics)  # doctest: +SKIP
     PosixPath('out/wanda-50')
@@ -171,7 +148,7 @@ def save_pruned(
         raise ConfigError(
             "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/model-wanda-50'."
         )
-    check_output_dir(out, model)
+    check_output_dir(out, model, overwrite)
     _prepare_dense(model)
     start = time.perf_counter()
     recipe = resolved_recipe(recipe, result)

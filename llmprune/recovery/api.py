@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
+from llmprune.preflight import check_teacher, check_typed
 from llmprune.recovery import masking
 from llmprune.recovery.heap import reuse_freed_memory
 from llmprune.recovery.lift import LiftOptions, LiftSession
@@ -149,6 +150,8 @@ def recover(
             f"distill={distill} needs dense_model=<the dense model before pruning> as the teacher "
             "(or distill=0)."
         )
+    if dense_model is not None:
+        check_teacher(getattr(model, "config", None), getattr(dense_model, "config", None), "dense_model")
     settings = TrainSettings(
         steps=steps,
         max_seconds=max_seconds,
@@ -161,6 +164,7 @@ def recover(
         optim=optim,
         seed=seed,
     )
+    check_typed(allowed, options, f"recovery method {method!r}", "option")
     method_opts = opt_cls(**options)
     targets = masking.resolve_targets(model, keep_masks)
     if not targets:
@@ -206,7 +210,7 @@ def recover(
                 )
                 details = {"blocks": per_block}
         except BaseException:
-            session.finish(merge=False)  # PERP drops its adapters; LIFT's in-place updates stay (zeros kept)
+            session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
             model.train(was_training)
             raise
         session.finish()

@@ -196,6 +196,8 @@ class LiftSession:
     def attach(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # the weights are trained in place: a copy (on CPU) gives them back if the run fails or diverges
+        self._backup = [(m.weight, m.weight.detach().to("cpu", copy=True)) for m, _ in self.targets.values()]
         for name, (module, keep) in self.targets.items():
             weight = module.weight
             weight.requires_grad_(True)
@@ -245,6 +247,11 @@ class LiftSession:
 
     @torch.no_grad()
     def finish(self, merge: bool = True) -> None:
-        """Restore ``requires_grad``. The weights were trained in place: there is nothing to merge or drop."""
+        """Restore ``requires_grad``; ``merge=False`` (a failed or diverged run) also puts the weights back
+        as they were before training, as PERP does by dropping its adapters."""
+        if not merge:
+            for weight, saved in getattr(self, "_backup", []):
+                weight.copy_(saved.to(weight.device))
+        self._backup = []
         for p in self._base_params:
             p.requires_grad_(self._requires_grad.get(id(p), False))

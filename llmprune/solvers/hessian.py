@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from llmprune.errors import ConfigError, DataError
+from llmprune.solvers import fallbacks
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def damped_inverse_cholesky(hessian: Tensor, dampening_frac: float = 0.01, *, na
         upper = _upper_inverse_cholesky(hessian, frac * mean_diag)
         if upper is not None:
             if attempt:
+                fallbacks.note("damping_raised")
                 log.warning(
                     "%s: the damped Hessian was not positive definite in float32 with dampening_frac=%g; "
                     "it needed %g. Pass a larger `dampening_frac` solver option to avoid this retry.",
@@ -100,6 +102,7 @@ def damped_inverse_cholesky(hessian: Tensor, dampening_frac: float = 0.01, *, na
             return upper
         frac = max(frac, _MIN_ESCALATED) * _ESCALATION
 
+    fallbacks.note("diagonal_hessian")
     log.warning(
         "%s: the Hessian could not be factored even with dampening_frac=%g; falling back to its diagonal "
         "(no weight reconstruction across input channels). Check the calibration data, or raise the "

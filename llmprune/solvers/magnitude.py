@@ -21,14 +21,17 @@ def global_allocation(
 ) -> dict[str, float]:
     """Per-layer sparsity for one global |w| threshold with each layer keeping >= ``min_density``.
 
-    Bisects the threshold t: layer l prunes min(#{|w| <= t}, (1 - min_density)·n_l) weights.
+    Bisects the threshold t: layer l prunes min(#{|w| <= t}, (1 - min_density)·n_l) weights, and at
+    least one weight of every layer survives. Weights tied at the threshold are pruned only as far as
+    the target needs (layers in name order), so the global count is exact.
     Only reads the weights, so streaming loaders can call it block by block.
     """
-    if scope == "layer" or spec.pattern is not None:
+    _check_options(scope, min_density, spec)
+    if scope == "layer":
         return {}
     total = sum(w.numel() for w in weights.values())
     target = spec.num_pruned(total)
-    caps = {k: int((1.0 - min_density) * w.numel()) for k, w in weights.items()}
+    caps = {k: min(int((1.0 - min_density) * w.numel()), w.numel() - 1) for k, w in weights.items()}
     if target > sum(caps.values()):
         raise ConfigError(
             f"global sparsity {spec.sparsity} cannot be reached while every layer keeps "
@@ -46,15 +49,30 @@ def global_allocation(
             lo = mid
         else:
             hi = mid
-    counts = pruned_at(hi)
+    counts, below = pruned_at(hi), pruned_at(lo)
+    excess = sum(counts.values()) - target  # weights tied at the threshold: prune only what is needed
+    for k in sorted(counts, reverse=True):  # the last layers give theirs back first
+        drop = min(excess, counts[k] - below[k])
+        counts[k] -= drop
+        excess -= drop
     return {k: counts[k] / absw[k].numel() for k in absw}
+
+
+def _check_options(scope: str, min_density: float, spec: SparsitySpec | None = None) -> None:
+    if scope not in ("layer", "global"):
+        raise ConfigError(f"magnitude scope must be 'layer' or 'global', got {scope!r}.")
+    number = isinstance(min_density, (int, float)) and not isinstance(min_density, bool)
+    if not number or not 0 <= min_density <= 1:
+        raise ConfigError(f"min_density must be a number in [0, 1], got {min_density!r}.")
+    if scope == "global" and spec is not None and spec.pattern is not None:
+        raise ConfigError(
+            f"scope=global shares one sparsity across layers, which N:M ({spec.pattern}) fixes per group of "
+            f"{spec.pattern.m}: drop scope=global, or give a fraction such as 0.5."
+        )
 
 
 @register_solver("magnitude", allocate=global_allocation)
 def magnitude(problem: LayerProblem, *, scope: str = "layer", min_density: float = 0.05) -> SolverResult:
     """Prune the smallest |w| of each matrix (``scope='global'``: one threshold, per-layer floor)."""
-    if scope not in ("layer", "global"):
-        raise ConfigError(f"magnitude scope must be 'layer' or 'global', got {scope!r}.")
-    if not 0.0 <= min_density <= 1.0:
-        raise ConfigError(f"min_density must be in [0, 1], got {min_density}.")
+    _check_options(scope, min_density)
     return SolverResult(keep=keep_per_matrix(problem.weight.abs(), problem.spec))
