@@ -295,31 +295,34 @@ def table(r: dict, a) -> str:
             f"| {label} | {before:.2f} | {x['ppl']:.2f} | {x['sparsity']:.4f} | {x['nonzero_pruned']} | "
             f"{x['steps']} | {x['train_s'] / max(1, x['steps']):.2f} | {x['peak_rss_mib']:.0f} MiB |"
         )
-    if "lora" in r and "error" not in r["lora"]:
-        x = r["lora"]
-        lines += [
-            "",
-            f"LoRA before the merge (adapter unmerged, dense effective weights): ppl {x['adapter_ppl']:.2f}; "
+    ok = {k: v for k, v in r.items() if "error" not in v}
+    notes = []
+    if "lora" in ok:
+        x = ok["lora"]
+        notes.append(
+            "LoRA before the merge (adapter unmerged, dense effective weights): "
+            f"ppl {x['adapter_ppl']:.2f}; "
             f"merge_adapter dropped {100 * x['dropped_fraction']:.0f} % of the update's norm (the part on "
-            f"pruned weights), giving {x['ppl']:.2f} merged with every zero kept.",
-        ]
-    if "overhead" in r and "error" not in r["overhead"]:
-        x = r["overhead"]
-        lines += [
-            "",
-            f"Cost of keep_sparsity on a full AdamW step (batch 1 × 256, medians of "
-            f"{x['rounds']} interleaved steps with and without it, one process): {x['plain_s']:.2f} s → "
-            f"{x['held_s']:.2f} s ({100 * (x['held_s'] / x['plain_s'] - 1):+.0f} %).",
-        ]
-    if "trainer" in r and "error" not in r["trainer"]:
-        rep = r["trainer"]["report"]
-        lines += [
-            "",
+            f"pruned weights), giving {x['ppl']:.2f} merged with every zero kept."
+        )
+    if "overhead" in ok:
+        x = ok["overhead"]
+        notes.append(
+            f"Cost of keep_sparsity on a full AdamW step (batch 1 × 256, medians of {x['rounds']} "
+            "interleaved "
+            f"steps with and without it, one process): {x['plain_s']:.2f} s → {x['held_s']:.2f} s "
+            f"({100 * (x['held_s'] / x['plain_s'] - 1):+.0f} %)."
+        )
+    if "trainer" in ok:
+        rep = ok["trainer"]["report"]
+        notes.append(
             f"KeepSparsityCallback report: {rep['gradient_entries_blocked']} pruned weights received a "
-            f"nonzero gradient (each would have left zero without it), {rep['rezeroed_after_steps']} were "
-            "moved by an "
-            f"optimiser step and put back, {rep['nonzero_pruned_weights']} nonzero at the end.",
-        ]
+            "nonzero gradient (each would have left zero without it), "
+            f"{rep['rezeroed_after_steps']} were moved by "
+            f"an optimiser step and put back, {rep['nonzero_pruned_weights']} nonzero at the end."
+        )
+    for note in notes:
+        lines += ["", note]
     return "\n".join(lines)
 
 
