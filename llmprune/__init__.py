@@ -9,6 +9,7 @@
 from llmprune.api import prune
 from llmprune.errors import ConfigError, DataError, LlmpruneError, ModelLoadError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.finetune import keep_sparsity, merge_adapter
 from llmprune.io.models import load_model
 from llmprune.io.save import save_pruned
 from llmprune.registry import available_solvers, get_solver, register_solver
@@ -16,9 +17,21 @@ from llmprune.result import PruneResult
 from llmprune.spec import NMPattern, SparsitySpec
 from llmprune.version import __version__
 
+
+def __getattr__(name: str):
+    """Trainer callbacks load transformers' trainer (seconds): only when first used."""
+    if name in ("KeepSparsityCallback", "GradualPruningCallback"):
+        from llmprune.finetune import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'llmprune' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "DataError",
+    "GradualPruningCallback",
+    "KeepSparsityCallback",
     "LlmpruneError",
     "ModelLoadError",
     "NMPattern",
@@ -27,7 +40,9 @@ __all__ = [
     "__version__",
     "available_solvers",
     "get_solver",
+    "keep_sparsity",
     "load_model",
+    "merge_adapter",
     "perplexity",
     "prune",
     "register_solver",
