@@ -39,6 +39,7 @@ class PruneResult:
     max_seq_length: int = 0
     seed: int = 0
     seconds: float = 0.0
+    allocation: dict[str, Any] | None = None  # how per-layer sparsities were chosen (non-uniform only)
 
     @property
     def overall_sparsity(self) -> float:

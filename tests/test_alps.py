@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 from conftest import make_model
+from test_engine import _prune
 
-import llmprune
 import llmprune.solvers.pcg as pcg_module
 from llmprune.calibration.modules import WeightView, find_blocks, prunable_linears
 from llmprune.errors import ConfigError, DataError
@@ -309,18 +309,7 @@ def test_prune_with_alps_through_the_engine(token_ids, sparsity):
     """``method='alps'`` is reachable from the API; the engine writes its weights with exact zeros."""
 
     model = make_model("llama")
-    result = llmprune.prune(
-        model,
-        None,
-        method="alps",
-        sparsity=sparsity,
-        dataset=token_ids,
-        num_calibration_samples=len(token_ids),
-        max_seq_length=token_ids.shape[1],
-        batch_size=2,
-        progress=False,
-        max_iterations=30,
-    )
+    result = _prune(model, token_ids, method="alps", sparsity=sparsity, max_iterations=30)
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         for rel, module in prunable_linears(block).items():
