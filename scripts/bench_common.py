@@ -1,8 +1,10 @@
 """Shared pieces of the benchmark scripts: fixed data, one measured run, markdown tables.
 
 Every benchmark uses the same token tensors, written once to ``--data`` (``calib.pt``: calibration
-windows sampled from the built-in calibration text; ``eval.pt``: evenly spaced held-out windows of
-the built-in evaluation text). The llm-compressor peer (``../shared/bench/peers``) is fed the very same
+windows sampled from the built-in calibration text; ``test.pt`` and ``valid.pt``: evenly spaced
+windows of the built-in held-out text's test part, *Pride and Prejudice*, and validation part, *Emma*).
+Tables report the test part only; defaults are chosen on the validation part (``load_data(d, "valid")``).
+The llm-compressor peer (``../shared/bench/peers``) is fed the very same
 tensors, so perplexities are comparable across tools. Timings are reported as ratios to one dense
 forward over the calibration tokens measured in the same process: absolute CPU seconds are noise.
 """
@@ -32,15 +34,17 @@ def make_data(
     if not (out / "calib.pt").exists():
         calib = calibration_tokens(None, tokenizer, num_calibration_samples, max_seq_length, seed=0)
         torch.save(calib, out / "calib.pt")
-    if not (out / "eval.pt").exists():
-        ev = held_out(tokenizer, None, max_seq_length, limit=eval_windows)
-        torch.save(ev, out / "eval.pt")
-        # the same text for checkers that tokenize themselves (verify_checkpoint.py)
-        (out / "eval.txt").write_text(tokenizer.decode(ev.reshape(-1)), encoding="utf-8")
+    for part, source in (("test", "test"), ("valid", "validation")):
+        if not (out / f"{part}.pt").exists():
+            ev = held_out(tokenizer, source, max_seq_length, limit=eval_windows)
+            torch.save(ev, out / f"{part}.pt")
+            # the same text for checkers that tokenize themselves (verify_checkpoint.py)
+            (out / f"{part}.txt").write_text(tokenizer.decode(ev.reshape(-1)), encoding="utf-8")
 
 
-def load_data(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.load(data / "calib.pt"), torch.load(data / "eval.pt")
+def load_data(data: Path, part: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration windows, held-out windows of ``part``: "test" for tables, "valid" for choosing)."""
+    return torch.load(data / "calib.pt"), torch.load(data / f"{part}.pt")
 
 
 def peak_rss_mib() -> float:
@@ -90,15 +94,24 @@ def prune_fixed(model_name: str, data: Path, method: str, sparsity: str, options
 
 
 def run_one(
-    model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any], threads: int
+    model_name: str,
+    data: Path,
+    method: str,
+    sparsity: str,
+    options: dict[str, Any],
+    threads: int,
+    valid: bool = False,
 ) -> dict:
-    """Load, prune with the fixed calibration tokens, score: one JSON-ready record."""
+    """Load, prune with the fixed calibration tokens, score: one JSON-ready record (``ppl`` on the test
+    part; with ``valid``, ``ppl_valid`` on the validation part too, for choosing settings)."""
     torch.set_num_threads(threads)
     rec: dict[str, Any] = {"method": method, "sparsity": sparsity, "options": options, "threads": threads}
     model, result, rec["prune_s"] = prune_fixed(model_name, data, method, sparsity, options)
     rec["rss_peak_after_prune_mib"] = peak_rss_mib()
     rec["achieved_sparsity"] = result.overall_sparsity
     rec["ppl"] = window_perplexity(model, load_data(data)[1])
+    if valid:
+        rec["ppl_valid"] = window_perplexity(model, load_data(data, "valid")[1])
     rec["block_recon_error_mean"] = sum(b.recon_error for b in result.blocks) / max(1, len(result.blocks))
     return rec
 

@@ -1,0 +1,158 @@
+"""The quality frontier on the embedded model: Wanda, SparseGPT and ALPS, uniform vs non-uniform sparsity.
+
+    nice -n 10 python scripts/bench_frontier.py                 # choose on validation, report on test
+    python scripts/bench_frontier.py --sparsities 0.7 --methods sparsegpt,alps
+
+Phase 1 chooses, on the *validation* part of the built-in held-out text (Emma) only: OWL's λ per
+method at 70 % (ALPS takes SparseGPT's, to save its solve time) and ALPS's comparison group
+(``scope``). Phase 2 runs every method x sparsity x allocation with those choices, and the table
+reports the *test* part (Pride and Prejudice) only. Every run is a fresh process (own peak RSS);
+results accumulate in ``bench_out/frontier.json`` so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import make_data, run_dense, run_one, save_json, write_section  # noqa: E402
+
+OWL_LAMBDAS = (0.04, 0.08, 0.12)
+
+
+def _key(method: str, sparsity: str, options: dict) -> str:
+    return f"{method}|{sparsity}|{json.dumps(options, sort_keys=True)}"
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Sweep:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.results = json.loads(a.out.read_text()) if a.out.exists() else {}
+        self.common = ["--model", a.model, "--data", str(a.data), "--threads", str(a.threads)]
+
+    def run(self, method: str, sparsity: str, options: dict) -> dict:
+        key = _key(method, sparsity, options)
+        if key not in self.results or "error" in self.results[key]:
+            print(f"running {key} …", file=sys.stderr, flush=True)
+            self.results[key] = _child([*self.common, "--one", method, sparsity, json.dumps(options)])
+            print(f"  {self.results[key]}", file=sys.stderr, flush=True)
+            save_json(self.a.out, self.results)
+        return self.results[key]
+
+    def best(self, method: str, sparsity: str, candidates: list[dict]) -> dict:
+        """The candidate with the lowest *validation* perplexity."""
+        scored = [
+            (self.run(method, sparsity, c).get("ppl_valid", float("inf")), i)
+            for i, c in enumerate(candidates)
+        ]
+        return candidates[min(scored)[1]]
+
+
+def table(sweep: Sweep, rows: list[tuple[str, str, dict]], choices: dict) -> str:
+    dense = sweep.results.get("dense", {})
+    lines = [
+        f"Embedded SmolLM2-135M-Instruct; calibration {dense.get('calib_shape')} tokens of the built-in "
+        f"calibration text (seed 0); perplexity on {dense.get('eval_shape')} windows of the **test** part of "
+        f"the built-in held-out text (Pride and Prejudice); torch threads {dense.get('threads')}, under "
+        "`nice` on a shared 2-core machine. `x dense fwd` = prune wall time / one dense forward over the "
+        "calibration tokens (each in its own process). Choices made on the validation part (Emma) only: "
+        + "; ".join(f"{k}: {v}" for k, v in choices.items())
+        + ".",
+        "",
+        "| method | sparsity | allocation | test ppl | achieved sparsity | x dense fwd |",
+        "|---|---|---|---|---|---|",
+    ]
+    if dense:
+        lines.append(f"| dense | – | – | {dense['ppl']:.2f} | 0 | (fwd {dense['dense_fwd_s']:.1f} s) |")
+    for method, sparsity, options in rows:
+        r = sweep.results.get(_key(method, sparsity, options))
+        allocation = options.get("allocation", "uniform")
+        extra = {k: v for k, v in options.items() if k != "allocation"}
+        label = allocation + (f" {json.dumps(extra)}" if extra else "")
+        if r is None or "error" in r:
+            lines.append(
+                f"| {method} | {sparsity} | {label} | {'FAILED: ' + r['error'][:60] if r else '–'} | | |"
+            )
+            continue
+        ratio = r["prune_s"] / dense["dense_fwd_s"] if dense else float("nan")
+        cells = [method, sparsity, label, f"{r['ppl']:.2f}", f"{r['achieved_sparsity']:.4f}", f"{ratio:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="wanda,sparsegpt,alps")
+    p.add_argument("--sparsities", default="0.5,0.7,2:4")
+    p.add_argument("--data", type=Path, default=Path("bench_out/data"))
+    p.add_argument("--out", type=Path, default=Path("bench_out/frontier.json"))
+    p.add_argument("--num_calibration_samples", type=int, default=32)
+    p.add_argument("--max_seq_length", type=int, default=512)
+    p.add_argument("--eval_windows", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--section", default="frontier")
+    p.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "OPTIONS_JSON"), help=argparse.SUPPRESS)
+    p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.one:
+        rec = run_one(a.model, a.data, a.one[0], a.one[1], json.loads(a.one[2]), a.threads, valid=True)
+        print(json.dumps(rec))
+        return
+    if a.dense:
+        print(json.dumps(run_dense(a.model, a.data, a.threads)))
+        return
+
+    import llmprune
+
+    _, tok = llmprune.load_model(a.model)
+    make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, a.eval_windows)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(a)
+    if "dense" not in sweep.results:
+        sweep.results["dense"] = _child([*sweep.common, "--dense"])
+        save_json(a.out, sweep.results)
+    methods, sparsities = a.methods.split(","), a.sparsities.split(",")
+
+    # phase 1: choices on the validation part
+    choices: dict[str, str] = {}
+    owl = {}
+    candidates = [{"allocation": "owl", "owl_lambda": lam} for lam in OWL_LAMBDAS]
+    for method in [m for m in ("wanda", "sparsegpt") if m in methods]:
+        owl[method] = sweep.best(method, "0.7", candidates)
+        choices[f"{method} owl_lambda"] = str(owl[method]["owl_lambda"])
+    alps_base: dict = {}
+    if "alps" in methods:
+        owl["alps"] = owl.get("sparsegpt", {"allocation": "owl", "owl_lambda": 0.08})
+        alps_base = sweep.best("alps", "0.7", [{}, {"scope": "row"}])
+        choices["alps scope"] = alps_base.get("scope", "matrix")
+
+    # phase 2: the grid, reported on the test part
+    rows: list[tuple[str, str, dict]] = []
+    for sparsity in sparsities:
+        for method in methods:
+            base = alps_base if method == "alps" else {}
+            rows.append((method, sparsity, dict(base)))
+            if ":" not in sparsity:  # allocations spread unstructured sparsity only
+                rows.append((method, sparsity, {**base, **owl[method]}))
+    for method, sparsity, options in rows:
+        sweep.run(method, sparsity, options)
+    body = table(sweep, rows, choices)
+    write_section(a.section, body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
