@@ -11,10 +11,13 @@ forward over the calibration tokens measured in the same process: absolute CPU s
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,33 @@ def run_dense(model_name: str, data: Path, threads: int) -> dict:
         "eval_shape": list(ev.shape),
         "threads": threads,
     }
+
+
+def run_key(method: str, sparsity: str, options: dict[str, Any]) -> str:
+    """The key of one run in a results JSON."""
+    return f"{method}|{sparsity}|{json.dumps(options, sort_keys=True)}"
+
+
+def child(script: str, args: list[str]) -> dict:
+    """Run ``script`` in a fresh process (own peak RSS; a crash loses one row): its last stdout line."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_run_args(p: argparse.ArgumentParser, out: str, section: str) -> None:
+    """The flags every sweep shares: model, fixed data, sizes, threads, output, and the child modes."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", type=Path, default=Path("bench_out/data"))
+    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--num_calibration_samples", type=int, default=32)
+    p.add_argument("--max_seq_length", type=int, default=512)
+    p.add_argument("--eval_windows", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--section", default=section)
+    p.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "OPTIONS_JSON"), help=argparse.SUPPRESS)
+    p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
 
 
 def write_section(name: str, body: str, path: Path = BENCH_MD) -> None:

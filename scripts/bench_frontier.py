@@ -14,25 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import make_data, run_dense, run_one, save_json, write_section  # noqa: E402
+import bench_common as bench  # noqa: E402
 
 OWL_LAMBDAS = (0.04, 0.08, 0.12)
-
-
-def _key(method: str, sparsity: str, options: dict) -> str:
-    return f"{method}|{sparsity}|{json.dumps(options, sort_keys=True)}"
-
-
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class Sweep:
@@ -42,12 +30,14 @@ class Sweep:
         self.common = ["--model", a.model, "--data", str(a.data), "--threads", str(a.threads)]
 
     def run(self, method: str, sparsity: str, options: dict) -> dict:
-        key = _key(method, sparsity, options)
+        key = bench.run_key(method, sparsity, options)
         if key not in self.results or "error" in self.results[key]:
             print(f"running {key} …", file=sys.stderr, flush=True)
-            self.results[key] = _child([*self.common, "--one", method, sparsity, json.dumps(options)])
+            self.results[key] = bench.child(
+                __file__, [*self.common, "--one", method, sparsity, json.dumps(options)]
+            )
             print(f"  {self.results[key]}", file=sys.stderr, flush=True)
-            save_json(self.a.out, self.results)
+            bench.save_json(self.a.out, self.results)
         return self.results[key]
 
     def best(self, method: str, sparsity: str, candidates: list[dict]) -> dict:
@@ -76,7 +66,7 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], choices: dict) -> str
     if dense:
         lines.append(f"| dense | – | – | {dense['ppl']:.2f} | 0 | (fwd {dense['dense_fwd_s']:.1f} s) |")
     for method, sparsity, options in rows:
-        r = sweep.results.get(_key(method, sparsity, options))
+        r = sweep.results.get(bench.run_key(method, sparsity, options))
         allocation = options.get("allocation", "uniform")
         extra = {k: v for k, v in options.items() if k != "allocation"}
         label = allocation + (f" {json.dumps(extra)}" if extra else "")
@@ -93,37 +83,28 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], choices: dict) -> str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    bench.add_run_args(p, out="bench_out/frontier.json", section="frontier")
     p.add_argument("--methods", default="wanda,sparsegpt,alps")
     p.add_argument("--sparsities", default="0.5,0.7,2:4")
-    p.add_argument("--data", type=Path, default=Path("bench_out/data"))
-    p.add_argument("--out", type=Path, default=Path("bench_out/frontier.json"))
-    p.add_argument("--num_calibration_samples", type=int, default=32)
-    p.add_argument("--max_seq_length", type=int, default=512)
-    p.add_argument("--eval_windows", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--section", default="frontier")
-    p.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "OPTIONS_JSON"), help=argparse.SUPPRESS)
-    p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.one:
-        rec = run_one(a.model, a.data, a.one[0], a.one[1], json.loads(a.one[2]), a.threads, valid=True)
+        rec = bench.run_one(a.model, a.data, a.one[0], a.one[1], json.loads(a.one[2]), a.threads, valid=True)
         print(json.dumps(rec))
         return
     if a.dense:
-        print(json.dumps(run_dense(a.model, a.data, a.threads)))
+        print(json.dumps(bench.run_dense(a.model, a.data, a.threads)))
         return
 
     import llmprune
 
     _, tok = llmprune.load_model(a.model)
-    make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, a.eval_windows)
+    bench.make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, a.eval_windows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(a)
     if "dense" not in sweep.results:
-        sweep.results["dense"] = _child([*sweep.common, "--dense"])
-        save_json(a.out, sweep.results)
+        sweep.results["dense"] = bench.child(__file__, [*sweep.common, "--dense"])
+        bench.save_json(a.out, sweep.results)
     methods, sparsities = a.methods.split(","), a.sparsities.split(",")
 
     # phase 1: choices on the validation part
@@ -150,7 +131,7 @@ def main() -> None:
     for method, sparsity, options in rows:
         sweep.run(method, sparsity, options)
     body = table(sweep, rows, choices)
-    write_section(a.section, body)
+    bench.write_section(a.section, body)
     print(body)
 
 
