@@ -24,6 +24,8 @@ IDS = torch.randint(0, VOCAB, (10, 16), generator=torch.Generator().manual_seed(
 CASES = [("wanda", dict(sparsity=0.5)), ("magnitude", dict(sparsity="2:4"))]
 if "sparsegpt" in available_solvers():  # Hessian statistics, weight updates, true-sequential groups
     CASES.append(("sparsegpt", dict(sparsity=0.5, true_sequential=True)))
+if "alps" in available_solvers():  # the allocation's statistics pass is reduced across ranks too
+    CASES.append(("alps", dict(sparsity=0.6, allocation="owl", owl_m=2.0, max_iterations=12)))
 
 
 def _run(method: str, kw: dict):
