@@ -9,13 +9,14 @@ import math
 
 import pytest
 import torch
+import transformers
 from conftest import make_model
 from test_engine import _prune
 
 from llmprune import allocation as alloc
 from llmprune.calibration.modules import WeightView, find_blocks, prunable_linears
 from llmprune.errors import ConfigError
-from llmprune.io.save import save_pruned
+from llmprune.io.save import load_keep_masks, save_pruned
 from llmprune.recipe import recipe_from_yaml
 from llmprune.spec import SparsitySpec
 
@@ -242,3 +243,15 @@ def test_recipe_carries_the_allocation():
     assert kwargs["allocation"] == "owl" and kwargs["owl_lambda"] == 0.05
     with pytest.raises(ConfigError, match="allocation"):
         recipe_from_yaml("version: 1\nprune: {allocation: error, options: {owl_m: 3}}\n")
+
+
+def test_streamed_allocation_equals_in_memory(token_ids, tmp_path):
+    """The statistics pass reads streamed blocks from the shards too (a second read of the model)."""
+    src = tmp_path / "src"
+    make_model("llama").save_pretrained(src, max_shard_size="20KB")
+    kw = dict(method="wanda", sparsity=0.6, allocation="owl", owl_m=2.0, owl_lambda=0.1)
+    reference = _prune(transformers.AutoModelForCausalLM.from_pretrained(src).eval(), token_ids, **kw)
+    streamed = _prune(str(src), token_ids, streaming=True, output_dir=str(tmp_path / "out"), **kw)
+    assert streamed.allocation["sparsity"] == reference.allocation["sparsity"]
+    masks = load_keep_masks(tmp_path / "out")
+    assert all(torch.equal(masks[k], reference.keep_masks[k]) for k in reference.keep_masks)

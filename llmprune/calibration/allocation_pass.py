@@ -79,6 +79,9 @@ def allocate_sparsity(
     sizes = {n: WeightView(m).shape[0] * WeightView(m).shape[1] for n, m in modules.items()}
     used = sorted(set(block_of.values()))
     record: dict[str, Any] = {"allocation": allocation, "target": default.sparsity}
+    if not names:  # every selected module has an override of its own: nothing to spread
+        record.update(seconds=0.0, sparsity={})
+        return {}, record
     if allocation == "depth":
         block_sizes = [sum(sizes[n] for n in names if block_of[n] == b) for b in used]
         per_block = alloc.depth(len(used), block_sizes, default.sparsity, options.depth_lambda)
