@@ -32,6 +32,8 @@ class Sweep:
         self.lock = threading.Lock()
 
     def _record(self, key: str, args: list[str]) -> dict:
+        if self.a.table_only:
+            return self.results.get(key, {"error": "not run yet"})
         if key not in self.results or "error" in self.results[key]:
             print(f"running {key} …", file=sys.stderr, flush=True)
             record = bench.child(__file__, [*self.common, *args])
@@ -98,6 +100,7 @@ def main() -> None:
     p.add_argument("--owl_lambdas", default="0.04,0.08,0.12", help="one value: no choice on validation")
     p.add_argument("--workers", type=int, default=1, help="runs at a time (each in its own process)")
     p.add_argument("--valid", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--table_only", action="store_true", help="write the table from the results so far")
     p.add_argument("--allocations", default="error,depth", help="also run these at 70 %% (not ALPS)")
     p.add_argument("--choose_alps_scope", action="store_true", help="try scope=row on validation too")
     a = p.parse_args()
@@ -119,7 +122,7 @@ def main() -> None:
     lambdas = [float(x) for x in a.owl_lambdas.split(",")]
     sweep = Sweep(a, valid=len(lambdas) > 1 or a.choose_alps_scope)
     pool = ThreadPoolExecutor(a.workers)
-    dense = pool.submit(sweep.dense)
+    dense = None if a.table_only else pool.submit(sweep.dense)
     methods, sparsities = a.methods.split(","), a.sparsities.split(",")
 
     # phase 1: choices on the validation part
@@ -156,8 +159,9 @@ def main() -> None:
     # the headline targets and the new solver first: a sweep cut short still answers them
     first, order = {"0.7": 0, "2:4": 1}, {"alps": 0, "sparsegpt": 1}
     jobs = sorted(rows, key=lambda r: (first.get(r[1], 2), "allocation" in r[2], order.get(r[0], 2)))
-    list(pool.map(lambda job: sweep.run(*job), jobs))
-    dense.result()
+    if not a.table_only:
+        list(pool.map(lambda job: sweep.run(*job), jobs))
+        dense.result()
     body = table(sweep, rows, choices)
     bench.write_section(a.section, body)
     print(body)
