@@ -50,6 +50,7 @@ def prune(
     ignore: Iterable[str] | None = None,
     overrides: Mapping[str, float | str] | None = None,
     true_sequential: bool = False,
+    allocation: str = "uniform",
     batch_size: int = 8,
     device: str | None = "auto",
     dtype: str | None = "float32",
@@ -72,6 +73,8 @@ def prune(
     ``"smollm2-135m"``). ``sparsity`` is a fraction (``0.5``) or an N:M pattern (``"2:4"``: keep 2 of
     every 4). ``dataset`` is any calibration source (see ``llmprune.calibration.data``); ``None`` uses
     the built-in public-domain text. Extra keyword arguments go to the solver (e.g. ``block_size=128``).
+    ``allocation`` (``uniform``, ``owl``, ``error``, ``depth``) spreads an unstructured ``sparsity``
+    unevenly over the layers, keeping the mean; its options share the keywords (``owl_lambda=0.08``).
     With ``output_dir`` the pruned checkpoint is written there (atomically), with ``recipe`` and
     ``run_info`` as provenance (the CLI records its resolved recipe and command); an earlier llmprune
     output there is replaced only with ``overwrite=True``, and any other non-empty folder is refused.
@@ -117,6 +120,7 @@ def prune(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         options=solver_args,
+        allocation=allocation,
     )
     preflight.before_loading(
         model,

@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from llmprune.allocation import check_allocation, check_allocation_target, split_options
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.io.atomic import write_text
 from llmprune.spec import ModuleSelection, SparsitySpec
@@ -190,7 +191,8 @@ class PruneSection:
     overrides: dict[str, float | str] = field(default_factory=dict)  # name / suffix / "re:…" -> sparsity
     true_sequential: bool = False
     batch_size: int = 8
-    options: dict[str, Any] = field(default_factory=dict)  # the solver's keyword options
+    allocation: str = "uniform"  # per-layer sparsity: uniform | owl | error | depth (llmprune.allocation)
+    options: dict[str, Any] = field(default_factory=dict)  # the solver's (and allocation's) keyword options
 
     def __post_init__(self) -> None:
         solver = _method("prune.method", self.method)
@@ -211,8 +213,15 @@ class PruneSection:
         for key, value in self.options.items():
             if isinstance(value, str):
                 _str(f"prune.options.{key}", value)
+        _str("prune.allocation", self.allocation, optional=False)
         try:
-            solver.check_options(self.options)
+            check_allocation(self.allocation)
+            solver_options, allocation_options = split_options(self.allocation, self.options)
+            check_allocation_target(self.allocation, allocation_options, SparsitySpec.parse(self.sparsity))
+        except ConfigError as exc:
+            raise _fail("prune.allocation", str(exc)) from None
+        try:
+            solver.check_options(solver_options)
         except ConfigError as exc:
             raise _fail("prune.options", str(exc)) from None
 
@@ -476,6 +485,7 @@ class Recipe:
             "ignore": list(p.ignore) or None,
             "overrides": dict(p.overrides) or None,
             "true_sequential": p.true_sequential,
+            "allocation": p.allocation,
             "batch_size": p.batch_size,
             "device": m.device,
             "dtype": m.dtype,
@@ -569,6 +579,7 @@ FLAG_KEYS: dict[str, str] = {
     "targets": "prune.targets",
     "ignore": "prune.ignore",
     "true_sequential": "prune.true_sequential",
+    "allocation": "prune.allocation",
     "batch_size": "prune.batch_size",
     "recover": "recover.method",
     "recover_steps": "recover.recover_steps",

@@ -41,6 +41,7 @@ class PruneResult:
     seed: int = 0
     seconds: float = 0.0
     dense_weights: int = 0  # weights of the block Linears the selection left dense (--ignore, --targets)
+    allocation: dict[str, Any] | None = None  # how per-layer sparsities were chosen (non-uniform only)
 
     @property
     def overall_sparsity(self) -> float:

@@ -1,18 +1,23 @@
 """Shared pieces of the benchmark scripts: fixed data, one measured run, markdown tables.
 
 Every benchmark uses the same token tensors, written once to ``--data`` (``calib.pt``: calibration
-windows sampled from the built-in calibration text; ``eval.pt``: evenly spaced held-out windows of
-the built-in evaluation text). The llm-compressor peer (``../shared/bench/peers``) is fed the very same
+windows sampled from the built-in calibration text; ``test.pt`` and ``valid.pt``: evenly spaced
+windows of the built-in held-out text's test part, *Pride and Prejudice*, and validation part, *Emma*).
+Tables report the test part only; defaults are chosen on the validation part (``load_data(d, "valid")``).
+The llm-compressor peer (``../shared/bench/peers``) is fed the very same
 tensors, so perplexities are comparable across tools. Timings are reported as ratios to one dense
 forward over the calibration tokens measured in the same process: absolute CPU seconds are noise.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +37,17 @@ def make_data(
     if not (out / "calib.pt").exists():
         calib = calibration_tokens(None, tokenizer, num_calibration_samples, max_seq_length, seed=0)
         torch.save(calib, out / "calib.pt")
-    if not (out / "eval.pt").exists():
-        ev = held_out(tokenizer, None, max_seq_length, limit=eval_windows)
-        torch.save(ev, out / "eval.pt")
-        # the same text for checkers that tokenize themselves (verify_checkpoint.py)
-        (out / "eval.txt").write_text(tokenizer.decode(ev.reshape(-1)), encoding="utf-8")
+    for part, source in (("test", "test"), ("valid", "validation")):
+        if not (out / f"{part}.pt").exists():
+            ev = held_out(tokenizer, source, max_seq_length, limit=eval_windows)
+            torch.save(ev, out / f"{part}.pt")
+            # the same text for checkers that tokenize themselves (verify_checkpoint.py)
+            (out / f"{part}.txt").write_text(tokenizer.decode(ev.reshape(-1)), encoding="utf-8")
 
 
-def load_data(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.load(data / "calib.pt"), torch.load(data / "eval.pt")
+def load_data(data: Path, part: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration windows, held-out windows of ``part``: "test" for tables, "valid" for choosing)."""
+    return torch.load(data / "calib.pt"), torch.load(data / f"{part}.pt")
 
 
 def peak_rss_mib() -> float:
@@ -90,15 +97,24 @@ def prune_fixed(model_name: str, data: Path, method: str, sparsity: str, options
 
 
 def run_one(
-    model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any], threads: int
+    model_name: str,
+    data: Path,
+    method: str,
+    sparsity: str,
+    options: dict[str, Any],
+    threads: int,
+    valid: bool = False,
 ) -> dict:
-    """Load, prune with the fixed calibration tokens, score: one JSON-ready record."""
+    """Load, prune with the fixed calibration tokens, score: one JSON-ready record (``ppl`` on the test
+    part; with ``valid``, ``ppl_valid`` on the validation part too, for choosing settings)."""
     torch.set_num_threads(threads)
     rec: dict[str, Any] = {"method": method, "sparsity": sparsity, "options": options, "threads": threads}
     model, result, rec["prune_s"] = prune_fixed(model_name, data, method, sparsity, options)
     rec["rss_peak_after_prune_mib"] = peak_rss_mib()
     rec["achieved_sparsity"] = result.overall_sparsity
     rec["ppl"] = window_perplexity(model, load_data(data)[1])
+    if valid:
+        rec["ppl_valid"] = window_perplexity(model, load_data(data, "valid")[1])
     rec["block_recon_error_mean"] = sum(b.recon_error for b in result.blocks) / max(1, len(result.blocks))
     return rec
 
@@ -116,6 +132,33 @@ def run_dense(model_name: str, data: Path, threads: int) -> dict:
         "eval_shape": list(ev.shape),
         "threads": threads,
     }
+
+
+def run_key(method: str, sparsity: str, options: dict[str, Any]) -> str:
+    """The key of one run in a results JSON."""
+    return f"{method}|{sparsity}|{json.dumps(options, sort_keys=True)}"
+
+
+def child(script: str, args: list[str]) -> dict:
+    """Run ``script`` in a fresh process (own peak RSS; a crash loses one row): its last stdout line."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_run_args(p: argparse.ArgumentParser, out: str, section: str) -> None:
+    """The flags every sweep shares: model, fixed data, sizes, threads, output, and the child modes."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", type=Path, default=Path("bench_out/data"))
+    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--num_calibration_samples", type=int, default=32)
+    p.add_argument("--max_seq_length", type=int, default=512)
+    p.add_argument("--eval_windows", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--section", default=section)
+    p.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "OPTIONS_JSON"), help=argparse.SUPPRESS)
+    p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
 
 
 def write_section(name: str, body: str, path: Path = BENCH_MD) -> None:

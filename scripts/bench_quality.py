@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import make_data, run_dense, run_one, save_json, write_section  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_run_args,
+    child,
+    make_data,
+    run_dense,
+    run_key,
+    run_one,
+    save_json,
+    write_section,
+)
 
 PEER_RUNS = {
     "sparsegpt50": ("sparsegpt", "0.5"),
@@ -26,17 +34,6 @@ PEER_RUNS = {
     "wanda24": ("wanda", "2:4"),
     "magnitude50_oneshot": ("magnitude", "0.5"),
 }
-
-
-def _key(method: str, sparsity: str, options: dict) -> str:
-    return f"{method}|{sparsity}|{json.dumps(options, sort_keys=True)}"
-
-
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _peer_rows(peer: Path) -> list[str]:
@@ -96,20 +93,11 @@ def table(results: dict, peer: Path | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    add_run_args(p, out="bench_out/quality.json", section="quality")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,icbs")
     p.add_argument("--sparsities", default="0.5,0.6,0.7,2:4")
     p.add_argument("--option", action="append", default=[], help="METHOD:KEY=VALUE solver option")
-    p.add_argument("--data", type=Path, default=Path("bench_out/data"))
-    p.add_argument("--out", type=Path, default=Path("bench_out/quality.json"))
-    p.add_argument("--num_calibration_samples", type=int, default=32)
-    p.add_argument("--max_seq_length", type=int, default=512)
-    p.add_argument("--eval_windows", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peer", type=Path, default=None, help="llm-compressor results folder to include")
-    p.add_argument("--section", default="quality")
-    p.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "OPTIONS_JSON"), help=argparse.SUPPRESS)
-    p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.one:
@@ -129,7 +117,7 @@ def main() -> None:
     results = json.loads(a.out.read_text()) if a.out.exists() else {}
     common = ["--model", a.model, "--data", str(a.data), "--threads", str(a.threads)]
     if "dense" not in results:
-        results["dense"] = _child([*common, "--dense"])
+        results["dense"] = child(__file__, [*common, "--dense"])
         save_json(a.out, results)
     options: dict[str, dict] = {}
     for opt in a.option:
@@ -138,11 +126,13 @@ def main() -> None:
         options.setdefault(method, {})[key] = yaml.safe_load(value)
     for method in a.methods.split(","):
         for sparsity in a.sparsities.split(","):
-            key = _key(method, sparsity, options.get(method, {}))
+            key = run_key(method, sparsity, options.get(method, {}))
             if key in results and "error" not in results[key]:
                 continue
             print(f"running {key} …", file=sys.stderr, flush=True)
-            results[key] = _child([*common, "--one", method, sparsity, json.dumps(options.get(method, {}))])
+            results[key] = child(
+                __file__, [*common, "--one", method, sparsity, json.dumps(options.get(method, {}))]
+            )
             print(f"  {results[key]}", file=sys.stderr, flush=True)
             save_json(a.out, results)
     body = table(results, a.peer)

@@ -24,6 +24,8 @@ CASES = [
     ("wanda", dict(sparsity=0.5)),
     ("magnitude", dict(sparsity="2:4")),
     ("sparsegpt", dict(sparsity=0.5, true_sequential=True)),  # Hessians, weight updates, sequential groups
+    # the allocation's statistics pass is reduced across ranks too
+    ("alps", dict(sparsity=0.6, allocation="owl", owl_m=2.0, max_iterations=12)),
 ]
 
 

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmprune.allocation import AllocationOptions
+from llmprune.calibration.allocation_pass import allocate_sparsity
 from llmprune.calibration.capture import (
     BlockInputs,
     DiskList,
@@ -75,6 +77,8 @@ class EngineConfig:
     offload_dir: str | None = None  # where spilled activations go (default: a temporary folder)
     checkpoint_dir: str | None = None  # record progress after every block here
     resume: bool = False  # continue the run recorded in checkpoint_dir
+    allocation: str = "uniform"  # per-layer sparsity pre-pass: uniform | owl | error | depth
+    allocation_options: AllocationOptions = field(default_factory=AllocationOptions)
 
 
 class BlockSource:
@@ -289,6 +293,50 @@ def _specs(model_blocks, prefix: str, cfg: EngineConfig) -> dict[str, SparsitySp
     return specs
 
 
+def _reduced(accs: dict[str, StatsAccumulator], comm: Comm, num_batches: int) -> dict[str, LayerStats]:
+    """Each module's statistics over all batches (and ranks); modules sharing an accumulator share them."""
+    unique = list({id(a): a for a in accs.values()}.values())  # q/k/v share one accumulator
+    reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_batches), strict=True))
+    return {name: reduced[id(acc)] for name, acc in accs.items()}
+
+
+def _allocate(blocks, prefix, inputs, specs, cfg, comm, num_batches, source, device, spill, result) -> None:
+    """Replace the default spec of every module by its share of a non-uniform allocation (in place)."""
+    default = cfg.selection.default
+    modules = {
+        n: m
+        for i, block in enumerate(blocks)
+        for n, m in _selected(block, f"{prefix}.{i}", cfg.selection).items()
+        if specs[n] == default
+    }
+    if cfg.solver.allocate is not None and any(specs[n] != cfg.selection.spec_for(n) for n in specs):
+        raise ConfigError(
+            f"{cfg.solver.name} with these options already allocates sparsity across layers: use "
+            f"allocation='uniform', or a per-layer setting of the solver."
+        )
+
+    def collect(block, group, block_inputs, needs, outputs):
+        accs = _calibrate(block, group, block_inputs, needs, None, outputs)
+        return _reduced(accs, comm, num_batches)
+
+    sparsity, record = allocate_sparsity(
+        blocks,
+        prefix,
+        inputs,
+        modules,
+        default,
+        cfg.allocation,
+        cfg.allocation_options,
+        collect=collect,
+        load=lambda i, block: source.load(i, block, device),
+        release=source.release,
+        new_list=lambda: activation_list(spill, cfg.offload_dir),
+        progress=cfg.progress and comm.is_main,
+    )
+    specs.update({n: SparsitySpec(sparsity=s) for n, s in sparsity.items()})
+    result.allocation = record
+
+
 def _solve_group(
     group: list[str],
     modules: dict[str, nn.Module],
@@ -301,8 +349,7 @@ def _solve_group(
     source: BlockSource,
 ) -> None:
     """Reduce the group's statistics over all batches, solve each Linear on its owner rank, share."""
-    unique = list({id(a): a for a in accs.values()}.values())  # q/k/v share one accumulator
-    reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_batches), strict=True))
+    reduced = _reduced(accs, comm, num_batches)
     device = next(iter(modules.values())).weight.device
     owners = comm.owners([_solve_cost(modules[n], cfg.solver.needs) for n in group])
     for name, owner in zip(group, owners, strict=True):
@@ -310,7 +357,7 @@ def _solve_group(
         updated = False
         if comm.rank == owner:
             if name in accs:
-                stats = reduced[id(accs[name])]
+                stats = reduced[name]
             else:  # never reached by a calibration token
                 stats = StatsAccumulator(
                     WeightView(modules[name]).shape[1], cfg.solver.needs, device
@@ -367,6 +414,8 @@ def prune_blocks(
         inputs = capture_block_inputs(
             model, blocks[0], input_ids, cfg.batch_size, batches=local, hidden=hidden, device=device
         )
+        if cfg.allocation != "uniform":  # before restore: the statistics are the dense model's
+            _allocate(blocks, prefix, inputs, specs, cfg, comm, num_batches, source, device, spill, result)
     if start > 0:
         checkpoint.restore(lambda j: f"{prefix}.{j}", blocks, inputs, result, in_memory=not source.streaming)
     bar = tqdm(

@@ -23,6 +23,7 @@ number of processes is not in it: results do not depend on it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -111,6 +112,7 @@ def run_fingerprint(
         "llmprune": __version__,
         "method": cfg.solver.name,
         "options": cfg.options,
+        "allocation": [cfg.allocation, dataclasses.asdict(cfg.allocation_options)],
         "sparsity": str(sel.default),
         "targets": list(sel.targets),
         "ignore": list(sel.ignore),

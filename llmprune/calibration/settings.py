@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmprune.allocation import check_allocation_target, split_options
 from llmprune.calibration.capture import check_spill_settings
 from llmprune.calibration.data import calibration_tokens
 from llmprune.calibration.distributed import Comm
@@ -54,6 +55,7 @@ def engine_config(
     checkpoint_dir: str | os.PathLike | None,
     resume: bool,
     options: Mapping[str, Any],
+    allocation: str = "uniform",
 ) -> EngineConfig:
     """Check ``prune()``'s keywords (the solver's ``options`` too) and turn them into the engine's settings.
 
@@ -61,8 +63,10 @@ def engine_config(
     compute device and the process group are left to the caller: they may depend on the loaded model.
     """
     solver = get_solver(method)  # validates the name: "did you mean wanda?"
+    options, allocation_options = split_options(allocation, options)  # --option carries both
     solver.check_options(options)
     selection = ModuleSelection.build(sparsity, targets, ignore, overrides)
+    check_allocation_target(allocation, allocation_options, selection.default)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     check_spill_settings(max_memory, offload_dir)
@@ -95,6 +99,8 @@ def engine_config(
         offload_dir=offload_dir,
         checkpoint_dir=None if ckpt is None else str(ckpt),
         resume=resume,
+        allocation=allocation,
+        allocation_options=allocation_options,
     )
 
 

@@ -18,7 +18,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_pruning_flags(p: argparse.ArgumentParser, with_sparsity: bool = True) -> None:
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", help="registered solver: magnitude, wanda, sparsegpt, icbs (default wanda)")
+    g.add_argument(
+        "--method", help="registered solver: magnitude, wanda, sparsegpt, icbs, alps (default wanda)"
+    )
     if with_sparsity:
         g.add_argument("--sparsity", help="fraction such as 0.5, or N:M such as 2:4 (keep 2 of every 4)")
     g.add_argument(
@@ -28,7 +30,14 @@ def add_pruning_flags(p: argparse.ArgumentParser, with_sparsity: bool = True) ->
     g.add_argument(
         "--true_sequential", action="store_true", default=None, help="calibrate q,k,v → o → mlp in turn"
     )
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="solver option, repeatable")
+    g.add_argument(
+        "--allocation",
+        choices=["uniform", "owl", "error", "depth"],
+        help="per-layer sparsity around the mean: uniform (default), owl, error, depth",
+    )
+    g.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="solver or allocation option, repeatable"
+    )
 
 
 def add_calibration_flags(p: argparse.ArgumentParser) -> None:

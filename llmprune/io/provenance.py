@@ -89,6 +89,7 @@ def sparsity_summary(modules: dict[str, dict[str, Any]], result: PruneResult | N
         "overall_sparsity": sum(v["zeros"] for v in modules.values()) / total if total else 0.0,
         "num_modules": len(modules),
         "nm_patterns": common,
+        "allocation": getattr(result, "allocation", None),
         "modules": modules,
     }
 

@@ -111,3 +111,20 @@ def damped_inverse_cholesky(hessian: Tensor, dampening_frac: float = 0.01, *, na
         frac / _ESCALATION,
     )
     return torch.diag(torch.rsqrt(torch.diagonal(hessian) + dampening_frac * mean_diag))
+
+
+def checked_hessian(method: str, name: str, weight: Tensor, hessian: Tensor | None) -> Tensor:
+    """The layer's (in, in) Hessian on the weight's device, after the checks every second-order solver
+    needs: present, the right shape, and finite like the weight (an overflow would poison every solve)."""
+    width = weight.shape[1]
+    if hessian is None or hessian.shape != (width, width):
+        raise DataError(
+            f"{method} needs the ({width}, {width}) input Hessian of {name}, got "
+            f"{None if hessian is None else tuple(hessian.shape)}: collect LayerStats with needs={{HESSIAN}}."
+        )
+    if not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(weight).all()):
+        raise DataError(
+            f"{name} has NaN/inf weights or calibration Hessian: check the checkpoint, and calibrate in "
+            "float32 or bfloat16 rather than float16."
+        )
+    return hessian.to(weight.device)
