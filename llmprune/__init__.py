@@ -8,7 +8,9 @@
 from llmprune.api import prune
 from llmprune.errors import ConfigError, DataError, LlmpruneError, ModelLoadError
 from llmprune.evaluation.perplexity import perplexity
+from llmprune.io.export import export
 from llmprune.io.models import load_model
+from llmprune.io.save import save_pruned
 from llmprune.registry import available_solvers, get_solver, register_solver
 from llmprune.result import PruneResult
 from llmprune.spec import NMPattern, SparsitySpec
@@ -24,9 +26,11 @@ __all__ = [
     "PruneResult",
     "SparsitySpec",
     "available_solvers",
+    "export",
     "get_solver",
     "load_model",
     "perplexity",
     "prune",
     "register_solver",
+    "save_pruned",
 ]

@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from llmprune.cli.export import add_format_flags
 from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags, add_scale_flags
 from llmprune.io.models import EMBEDDED_LICENSES
 
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=float, help="lm-eval documents per task")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", help="write the pruned checkpoint here (atomically)")
+    add_format_flags(g, "save_format", "dense")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     recipe = resolve_recipe(args, command="prune")  # a bad recipe or flag fails before loading anything
+    _check_save_format(args, recipe)
     if recipe.model.streaming:
         return _run_streaming(args, recipe)
     checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, recipe.output_dir, args.resume)
@@ -122,12 +125,35 @@ def run(args: argparse.Namespace) -> int:
 
         metrics = {"perplexity": _ppl_metric(summary, recipe), "lm_eval": summary["lm_eval"]}
         save_pruned(
-            model, tok, recipe.output_dir, result=result, recipe=recipe, run_info=summary, metrics=metrics
+            model,
+            tok,
+            recipe.output_dir,
+            result=result,
+            recipe=recipe,
+            run_info=summary,
+            metrics=metrics,
+            format=args.save_format,
+            gguf_type=args.gguf_type,
         )
         summary["output_dir"] = recipe.output_dir
     discard_progress(checkpoint_dir, Comm())  # the run is complete; the other ranks have left already
     print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
     return 0
+
+
+def _check_save_format(args: argparse.Namespace, recipe) -> None:
+    """--save_format other than dense needs --output_dir and a model in memory (not --streaming)."""
+    from llmprune.errors import ConfigError
+
+    if args.save_format == "dense":
+        return
+    if not recipe.output_dir:
+        raise ConfigError(f"--save_format {args.save_format} needs --output_dir: where to write the model.")
+    if recipe.model.streaming:
+        raise ConfigError(
+            "--streaming writes dense safetensors block by block. Fix: drop --save_format, then run "
+            f"`llmprune export {recipe.output_dir} --format {args.save_format} --output_dir NEW_FOLDER`."
+        )
 
 
 def _run_streaming(args: argparse.Namespace, recipe) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import yaml
 from torch import Tensor
 
 from llmprune.errors import ConfigError, ModelLoadError
+from llmprune.io.compressed import WEIGHTS_NAME as COMPRESSED_WEIGHTS
+from llmprune.io.compressed import iter_compressed
 from llmprune.solvers.masks import nm_violations
 from llmprune.spec import NMPattern
 
@@ -70,7 +73,6 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     >>> report["overall_sparsity"], report["nm_patterns"]  # doctest: +SKIP
     (0.5, ['2:4', '4:8'])
     """
-    from safetensors import safe_open
 
     root = Path(path).expanduser()
     if root.is_file() and root.suffix == ".safetensors":
@@ -89,15 +91,10 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     transposed = config.get("model_type") in _CONV1D_MODEL_TYPES
     modules: dict[str, dict[str, Any]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                shape = list(handle.get_slice(key).get_shape())
-                if not is_linear_weight(key, shape):
-                    continue
-                weight = handle.get_tensor(key)
-                if transposed and _CONV1D_NAMES.search(key):
-                    weight = weight.t()  # Conv1D stores (in, out)
-                modules[key.removesuffix(".weight")] = weight_stats(weight)
+        for key, weight in _linear_weights(file):
+            if transposed and _CONV1D_NAMES.search(key):
+                weight = weight.t()  # Conv1D stores (in, out)
+            modules[key.removesuffix(".weight")] = weight_stats(weight)
     modules = dict(sorted(modules.items(), key=lambda kv: _natural_key(kv[0])))  # layers.2 before layers.10
     saved = _read_json(folder / "sparsity.json") or {}
     for name, info in modules.items():
@@ -119,6 +116,19 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "metrics": (run_info or {}).get("metrics"),
         "has_masks": (folder / "masks.safetensors").is_file(),
     }
+
+
+def _linear_weights(file: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of each Linear-like weight in one file, read one at a time (compressed: decoded)."""
+    from safetensors import safe_open
+
+    if file.name == COMPRESSED_WEIGHTS:
+        yield from ((k, t) for k, t in iter_compressed(file) if is_linear_weight(k, list(t.shape)))
+        return
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            if is_linear_weight(key, list(handle.get_slice(key).get_shape())):
+                yield key, handle.get_tensor(key)
 
 
 def _natural_key(name: str) -> list:

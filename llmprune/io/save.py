@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from llmprune.errors import ConfigError, ModelLoadError
 from llmprune.io.inspect import CHECKED_PATTERNS, weight_stats
 from llmprune.io.models import clear_quantization
+from llmprune.io.weights import check_format, write_weights
 from llmprune.result import PruneResult
 
 log = logging.getLogger(__name__)
@@ -272,8 +273,10 @@ def source_model(model: nn.Module) -> str | None:
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
-    return any((path / n).exists() for n in ("config.json", "sparsity.json")) or any(
-        path.glob("*.safetensors")
+    return (
+        any((path / n).exists() for n in ("config.json", "sparsity.json"))
+        or any(path.glob("*.safetensors"))
+        or any(path.glob("*.gguf"))
     )
 
 
@@ -411,8 +414,14 @@ def save_pruned(
     hub_model_id: str | None = None,
     private: bool = False,
     token: str | None = None,
+    format: str = "dense",
+    gguf_type: str = "f16",
 ) -> Path:
     """Write the pruned model, its provenance and its model card to ``output_dir``, atomically.
+
+    ``format`` is ``dense`` (a plain checkpoint), ``compressed`` (llmprune's sparse safetensors layout,
+    ``docs/format.md``; read back by ``llmprune.load_model``) or ``gguf`` (one llama.cpp file of
+    ``gguf_type`` f16, bf16, q8_0 or f32).
 
     ``recipe`` is a dict or a ``llmprune.recipe.Recipe``. ``run_info`` entries are merged into
     ``run_info.json`` (e.g. ``command``, ``base_model``, ``license``); ``metrics`` is free-form, e.g.
@@ -429,6 +438,7 @@ def save_pruned(
             "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/model-wanda-50'."
         )
     check_output_dir(out, model)
+    check_format(format, gguf_type, model)
     _prepare_dense(model)
     start = time.perf_counter()
     if recipe is not None and hasattr(recipe, "to_dict"):  # a llmprune.recipe.Recipe
@@ -448,10 +458,15 @@ def save_pruned(
             else _nonzero_masks(model, result)
         )
     with atomic_folder(out.resolve()) as staging:  # through a symlink, replace what it points at
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        _scrub_config(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        if format == "dense":
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+        else:
+            written = write_weights(model, tokenizer, staging, format=format, gguf_type=gguf_type)
+            info["weights_format"] = written
+        if format != "gguf":  # a GGUF file holds its config and tokenizer
+            _scrub_config(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         _write_json(staging / "sparsity.json", sparsity)
         if resolved_recipe is not None:
             (staging / "recipe.yaml").write_text(
