@@ -13,6 +13,7 @@ import torch
 from conftest import SAMPLE_TEXT, make_model
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_hub import hub  # noqa: F401 - the fixture: a loopback stand-in for the Hub
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import llmprune
@@ -21,6 +22,7 @@ from llmprune.errors import ConfigError
 from llmprune.io import compressed
 from llmprune.io.compressed import CompressedFormatError, encode_nm, read_compressed, write_compressed
 from llmprune.io.gguf_export import neox_qkv_to_blocks, permute_qk
+from llmprune.io.hub import push_to_hub
 from llmprune.io.inspect import inspect_checkpoint
 from llmprune.io.save import save_pruned
 
@@ -321,3 +323,69 @@ def test_export_round_trip_and_overwrite_rule(tmp_path, tiny_tokenizer, capsys):
 def test_prune_save_format_needs_output_dir_before_loading(capsys):
     assert main(["prune", "--model", "/nonexistent/model", "--save_format", "compressed"]) == 2
     assert "--output_dir" in capsys.readouterr().err
+
+
+def test_the_example_in_docs_format_md(tmp_path):
+    """docs/format.md decodes this file by hand; the bytes it quotes must be the ones written."""
+    tensors = {
+        "proj.weight": torch.tensor(
+            [
+                [0, 1, 0, 2, 3, 0, 0, 4],
+                [5, 6, 0, 0, 0, 0, 7, 8],
+                [0, 0, 8, 9, 0, 1, 2, 0],
+                [-1, 0, 1, 0, 0, 3, 0, 4],
+            ],
+            dtype=torch.bfloat16,
+        ),
+        "sparse.weight": torch.tensor(
+            [[0, 1.5, 0, 0, 0, 0, 0, 0], [0, 1.5, 0, -2, 3, 0, 0, 0.5]], dtype=torch.bfloat16
+        ),
+        "norm.weight": torch.tensor([1.0, 2.0], dtype=torch.bfloat16),
+    }
+    write_compressed(tensors, tmp_path / "example.safetensors")
+    with safe_open(str(tmp_path / "example.safetensors"), framework="pt") as handle:
+        raw = {
+            k: bytes(handle.get_tensor(k).reshape(-1).view(torch.uint8).tolist()).hex(" ")
+            for k in handle.keys()  # noqa: SIM118
+        }
+        index = handle.metadata()["index"]
+    assert index == (
+        '{"norm.weight":{"encoding":"dense","shape":[2]},"proj.weight":{"encoding":"nm","m":4,"n":2,'
+        '"shape":[4,8]},"sparse.weight":{"encoding":"bitmask","shape":[2,8]}}'
+    )
+    assert raw["proj.weight:nm_subsets"] == "88 5a cc"
+    assert raw["sparse.weight:keep"] == "40 59"
+    assert raw["sparse.weight:values"] == "c0 3f c0 3f 00 c0 40 40 00 3f"
+    assert raw["proj.weight:values"].startswith("80 3f 00 40 40 40 80 40 a0 40")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "format.md").read_text()
+    assert all(value in doc for value in raw.values())
+
+
+def test_push_uploads_a_gguf_folder_with_a_card_that_says_how_to_load_it(hub, tmp_path, tiny_tokenizer):  # noqa: F811
+    out = save_pruned(pruned_model("llama"), tiny_tokenizer, tmp_path / "g", format="gguf")
+    push_to_hub(out, "me/tiny-gguf", token="hf_local_test_token", endpoint=hub.url)
+    files = hub.commits[0]["files"]
+    (name,) = [n for n in files if n.endswith(".gguf")]
+    assert files[name] == (out / name).read_bytes()
+    card = files["README.md"].decode()
+    assert f'gguf_file="{name}"' in card and "- gguf" in card  # usage and the Hub tag
+
+
+def test_prune_refuses_gguf_for_opt_right_after_loading(tmp_path, tiny_tokenizer, capsys):
+    src = save_pruned(make_model("opt"), tiny_tokenizer, tmp_path / "opt")
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(src), "--save_format", "gguf", "--output_dir", str(out), "--skip_eval"]
+    assert main(args) == 2
+    assert "no OPT architecture" in capsys.readouterr().err and not out.exists()
+
+
+def test_gguf_carries_the_chat_template(tmp_path, tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    out = save_pruned(pruned_model("qwen2"), tok, tmp_path / "g", format="gguf", gguf_type="q8_0")
+    back = AutoTokenizer.from_pretrained(out, gguf_file=next(out.glob("*.gguf")).name)
+    assert back.chat_template == tok.chat_template
+    messages = [{"role": "user", "content": "hi"}]
+    assert back.apply_chat_template(messages, tokenize=False) == "<user>hi"

@@ -9,15 +9,22 @@ from llmprune.io.weights import FORMATS
 
 
 def add_format_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: str) -> None:
-    """``--format``/``--save_format`` and ``--gguf_type``, shared with ``llmprune prune``."""
+    """``--format``/``--save_format`` and ``--gguf_type``, shared with ``llmprune prune`` (where the
+    defaults come from the recipe, so the flags default to None there)."""
+    recipe_default = name == "save_format"
     p.add_argument(
         f"--{name}",
         choices=FORMATS,
-        default=default,
+        default=None if recipe_default else default,
         help="dense: plain safetensors; compressed: llmprune's sparse layout (docs/format.md), "
         f"about half the size at 50%% sparsity; gguf: one llama.cpp file (default {default})",
     )
-    p.add_argument("--gguf_type", choices=GGUF_TYPES, default="f16", help="GGUF matrix type (default f16)")
+    p.add_argument(
+        "--gguf_type",
+        choices=GGUF_TYPES,
+        default=None if recipe_default else "f16",
+        help="GGUF matrix type (default f16)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

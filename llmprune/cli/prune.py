@@ -23,6 +23,7 @@ from typing import Any
 from llmprune.cli.export import add_format_flags
 from llmprune.cli.flags import add_calibration_flags, add_model_flags, add_pruning_flags, add_scale_flags
 from llmprune.io.models import EMBEDDED_LICENSES
+from llmprune.io.weights import check_format
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     recipe = resolve_recipe(args, command="prune")  # a bad recipe or flag fails before loading anything
-    _check_save_format(args, recipe)
+    _check_save_format(recipe)
     if recipe.model.streaming:
         return _run_streaming(args, recipe)
     checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, recipe.output_dir, args.resume)
     comm = current_comm()  # before loading: under torchrun this picks each rank's GPU
     model, tok = llmprune.load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
+    if recipe.output_dir:  # e.g. GGUF of an architecture llama.cpp lacks: refuse before pruning
+        check_format(recipe.save_format, recipe.gguf_type, model)
     dense = _scores(model, tok, recipe, args.skip_eval) if comm.is_main else {}
     teacher = copy.deepcopy(model) if recipe.recover.needs_dense_model and comm.is_main else None
     t0 = time.perf_counter()
@@ -132,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
             recipe=recipe,
             run_info=summary,
             metrics=metrics,
-            format=args.save_format,
-            gguf_type=args.gguf_type,
+            format=recipe.save_format,
+            gguf_type=recipe.gguf_type,
         )
         summary["output_dir"] = recipe.output_dir
     discard_progress(checkpoint_dir, Comm())  # the run is complete; the other ranks have left already
@@ -141,18 +144,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_save_format(args: argparse.Namespace, recipe) -> None:
+def _check_save_format(recipe) -> None:
     """--save_format other than dense needs --output_dir and a model in memory (not --streaming)."""
     from llmprune.errors import ConfigError
 
-    if args.save_format == "dense":
+    if recipe.save_format == "dense":
         return
     if not recipe.output_dir:
-        raise ConfigError(f"--save_format {args.save_format} needs --output_dir: where to write the model.")
+        raise ConfigError(f"--save_format {recipe.save_format} needs --output_dir: where to write the model.")
     if recipe.model.streaming:
         raise ConfigError(
             "--streaming writes dense safetensors block by block. Fix: drop --save_format, then run "
-            f"`llmprune export {recipe.output_dir} --format {args.save_format} --output_dir NEW_FOLDER`."
+            f"`llmprune export {recipe.output_dir} --format {recipe.save_format} --output_dir NEW_FOLDER`."
         )
 
 

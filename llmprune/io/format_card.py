@@ -16,6 +16,13 @@ def format_tag(weights_format: Mapping[str, Any] | None) -> str | None:
     return {"compressed": "llmprune-compressed", "gguf": "gguf"}.get(fmt or "")
 
 
+def _folder_lines(repo: str) -> list[str]:
+    """A Hub repository is downloaded first: llmprune reads compressed folders from disk."""
+    if "/" in repo and not repo.startswith("path/"):
+        return ["from huggingface_hub import snapshot_download", "", f'folder = snapshot_download("{repo}")']
+    return [f'folder = "{repo}"']
+
+
 def format_section(weights_format: Mapping[str, Any] | None, repo: str) -> list[str] | None:
     """Card lines for a compressed or GGUF folder (None for dense, which the card already covers)."""
     fmt = (weights_format or {}).get("format")
@@ -33,7 +40,8 @@ def format_section(weights_format: Mapping[str, Any] | None, repo: str) -> list[
             "",
             "```python",
             "import llmprune",
-            f'model, tok = llmprune.load_model("{repo}")  # a local folder (download it first from the Hub)',
+            *_folder_lines(repo),
+            "model, tok = llmprune.load_model(folder)",
             "```",
             "",
             "```bash",
