@@ -32,6 +32,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,7 +43,6 @@ VERSION = 1
 WEIGHTS_NAME = "llmprune-compressed.safetensors"
 #: group sizes M tried for the ``nm`` encoding (groups run along the last dimension)
 NM_GROUP_SIZES = (4, 8)
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # first element = high bit
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _REEXPORT = "re-export it with `llmprune export SOURCE --format compressed`"
 
@@ -56,14 +56,12 @@ class CompressedFormatError(ModelLoadError):
 
 def pack_bits(bits: Tensor) -> Tensor:
     """bool (k,) -> uint8 (ceil(k / 8),); first element in the high bit, zero padding at the end."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(-1, dtype=torch.int32).to(torch.uint8)
+    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy()))  # numpy's default bit order: big
 
 
 def unpack_bits(packed: Tensor, count: int) -> Tensor:
     """Inverse of ``pack_bits``: the first ``count`` bits as bool (count,)."""
-    return (packed.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)[:count]
+    return torch.from_numpy(np.unpackbits(packed.reshape(-1).numpy(), count=count).view(np.bool_))
 
 
 def pack_codes(codes: Tensor, width: int) -> Tensor:
@@ -182,12 +180,12 @@ def decode(name: str, entry: Mapping[str, Any], parts: Mapping[str, Tensor]) -> 
         packed = parts[f"{name}:keep"]
         if packed.numel() != math.ceil(numel / 8):
             raise ValueError("the keep-mask has the wrong length")
-        keep = unpack_bits(packed, numel)
-        if int(keep.sum()) != values.numel():
+        keep = unpack_bits(packed, numel).numpy()
+        if np.count_nonzero(keep) != values.numel():
             raise ValueError("the keep-mask and the values disagree in count")
-        out = torch.zeros(numel, dtype=values.dtype)
-        out[keep] = values
-        return out.reshape(shape)
+        out = torch.zeros(numel, dtype=_SAME_WIDTH_INT[values.element_size()])  # bit patterns: any dtype
+        out.numpy()[keep] = values.view(out.dtype).numpy()  # the True slots, in order
+        return out.view(values.dtype).reshape(shape)
     if encoding == "nm":
         n, m = int(entry["n"]), int(entry["m"])
         if not 1 <= n < m or shape[-1] % m or values.numel() != numel // m * n:
