@@ -10,6 +10,7 @@ from llmprune.api import prune
 from llmprune.errors import ConfigError, DataError, LlmpruneError, ModelLoadError
 from llmprune.evaluation.perplexity import perplexity
 from llmprune.finetune import keep_sparsity, merge_adapter
+from llmprune.io.export import export
 from llmprune.io.models import load_model
 from llmprune.io.save import save_pruned
 from llmprune.registry import available_solvers, get_solver, register_solver
@@ -39,6 +40,7 @@ __all__ = [
     "SparsitySpec",
     "__version__",
     "available_solvers",
+    "export",
     "get_solver",
     "keep_sparsity",
     "load_model",

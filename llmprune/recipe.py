@@ -41,6 +41,8 @@ import yaml
 from llmprune.allocation import check_allocation, check_allocation_target, split_options
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.io.atomic import write_text
+from llmprune.io.gguf_export import GGUF_TYPES
+from llmprune.io.weights import FORMATS
 from llmprune.spec import ModuleSelection, SparsitySpec
 from llmprune.version import RECIPE_VERSION, __version__
 
@@ -339,7 +341,7 @@ _SECTIONS: dict[str, type] = {
     "recover": RecoverSection,
     "eval": EvalSection,
 }
-_TOP_KEYS = ("version", *_SECTIONS, "output_dir")
+_TOP_KEYS = ("version", *_SECTIONS, "output_dir", "save_format", "gguf_type")
 
 
 def _section_keys(cls: type) -> list[str]:
@@ -376,6 +378,8 @@ class Recipe:
     recover: RecoverSection = field(default_factory=RecoverSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output_dir: str | None = None
+    save_format: str = "dense"  # dense, compressed or gguf (llmprune.io.weights.FORMATS)
+    gguf_type: str = "f16"
 
     def __post_init__(self) -> None:
         if type(self.version) is not int or self.version != RECIPE_VERSION:
@@ -383,6 +387,10 @@ class Recipe:
                 "version", f"this llmprune reads recipe version {RECIPE_VERSION}, got {self.version!r}."
             )
         _str("output_dir", self.output_dir)
+        if self.save_format not in FORMATS:
+            raise _fail("save_format", f"{self.save_format!r} is not one of {', '.join(FORMATS)}.")
+        if self.gguf_type not in GGUF_TYPES:
+            raise _fail("gguf_type", f"{self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}.")
 
     # ---- construction
     @classmethod
@@ -394,7 +402,8 @@ class Recipe:
                 raise _unknown_key("top level", str(key), list(_TOP_KEYS))
         version = data.get("version", RECIPE_VERSION)
         sections = {name: _build_section(name, data.get(name)) for name in _SECTIONS}
-        return cls(version=version, output_dir=data.get("output_dir"), **sections)
+        output = {k: data[k] for k in ("output_dir", "save_format", "gguf_type") if data.get(k) is not None}
+        return cls(version=version, **output, **sections)
 
     # ---- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -596,6 +605,8 @@ FLAG_KEYS: dict[str, str] = {
     "eval_max_seq_length": "eval.max_seq_length",
     "eval_batch_size": "eval.batch_size",
     "output_dir": "output_dir",
+    "save_format": "save_format",
+    "gguf_type": "gguf_type",
 }
 #: where a flag means something else: `llmprune eval --batch_size` is the evaluation batch size
 FLAG_KEYS_BY_COMMAND: dict[str, dict[str, str]] = {

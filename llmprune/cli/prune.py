@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from llmprune.cli.export import add_format_flags
 from llmprune.cli.flags import (
     EVAL_LIMIT_HELP,
     add_calibration_flags,
@@ -30,6 +31,7 @@ from llmprune.cli.flags import (
 )
 from llmprune.cli.table import render_table
 from llmprune.io.models import EMBEDDED_LICENSES
+from llmprune.io.weights import check_format
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=float, help="lm-eval documents per task")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", help="write the pruned checkpoint here (atomically)")
+    add_format_flags(g, "save_format", "dense")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.add_argument(
         "--overwrite", action="store_true", help="replace --output_dir if an earlier llmprune run wrote it"
@@ -96,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         args.limit = int(args.limit)
     recipe = resolve_recipe(args, command="prune")  # a bad recipe or flag fails before loading anything
     check_recipe(recipe, overwrite=args.overwrite, evaluate=not args.skip_eval)
+    _check_save_format(recipe)
     if recipe.model.streaming:
         return _run_streaming(args, recipe)
     checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, recipe.output_dir, args.resume)
@@ -105,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     _check_world(model, recipe, comm.world)  # before rank 0 scores the dense model
     if comm.is_main:
         _announce(model, tok, recipe, args.skip_eval)
+    if recipe.output_dir:  # e.g. GGUF of an architecture llama.cpp lacks: refuse before pruning
+        check_format(recipe.save_format, recipe.gguf_type, model)
     dense = _scores(model, tok, recipe, args.skip_eval) if comm.is_main else {}
     teacher = copy.deepcopy(model) if recipe.recover.needs_dense_model and comm.is_main else None
     t0 = time.perf_counter()
@@ -154,11 +160,28 @@ def run(args: argparse.Namespace) -> int:
             run_info=summary,
             metrics=metrics,
             overwrite=args.overwrite,
+            format=recipe.save_format,
+            gguf_type=recipe.gguf_type,
         )
         summary["output_dir"] = recipe.output_dir
     discard_progress(checkpoint_dir, Comm())  # the run is complete; the other ranks have left already
     print(json.dumps(summary, indent=2, default=str) if args.json else format_table(summary))
     return 0
+
+
+def _check_save_format(recipe) -> None:
+    """--save_format other than dense needs --output_dir and a model in memory (not --streaming)."""
+    from llmprune.errors import ConfigError
+
+    if recipe.save_format == "dense":
+        return
+    if not recipe.output_dir:
+        raise ConfigError(f"--save_format {recipe.save_format} needs --output_dir: where to write the model.")
+    if recipe.model.streaming:
+        raise ConfigError(
+            "--streaming writes dense safetensors block by block. Fix: drop --save_format, then run "
+            f"`llmprune export {recipe.output_dir} --format {recipe.save_format} --output_dir NEW_FOLDER`."
+        )
 
 
 def _run_streaming(args: argparse.Namespace, recipe) -> int:

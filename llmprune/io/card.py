@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from llmprune.io.format_card import format_section, format_tag
+
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -243,6 +245,10 @@ def _body(
     for kind, (count, ratio, valid) in _by_kind(sparsity.get("modules") or {}).items():
         lines.append(f"| {kind} | {count} | {ratio:.2%} | {valid} |")
     lines += ["", "Per-matrix figures are in `sparsity.json`; versions and timings in `run_info.json`.", ""]
+    repo = title if "/" in title else "path/to/this/folder"
+    stored_as = format_section(run_info.get("weights_format"), repo)
+    if stored_as:
+        return "\n".join(lines + stored_as)
     lines += [
         _LIMITS,
         "## Usage",
@@ -337,7 +343,8 @@ def build_model_card(
         for d in (hub_dataset(recipe_value(recipe, "dataset")), hub_dataset(recipe_value(metrics, "dataset")))
         if d
     ]
-    tags = ["pruned", "sparse", "llmprune", method, _pattern_tag(target)]
+    stored_as = format_tag(run_info.get("weights_format"))
+    tags = ["pruned", "sparse", "llmprune", method, _pattern_tag(target), stored_as]
     results = eval_results(metrics)
     data = ModelCardData(
         base_model=base,

@@ -60,9 +60,10 @@ def push_to_hub(
 
     folder = Path(output_dir).expanduser()
     check_repo_id(hub_model_id)
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):  # dense, compressed, gguf
         raise ConfigError(
-            f"{folder} holds no config.json: push a folder written by `llmprune prune --output_dir`."
+            f"{folder} holds no config.json or .gguf file: push a folder written by `llmprune prune "
+            "--output_dir` or `llmprune export`."
         )
     if constants.is_offline_mode():
         raise HubError("HF_HUB_OFFLINE is set, so the Hub is disabled: unset HF_HUB_OFFLINE to push.")

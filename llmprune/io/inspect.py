@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import yaml
 from torch import Tensor
 
 from llmprune.errors import ConfigError, ModelLoadError
+from llmprune.io.compressed import WEIGHTS_NAME as COMPRESSED_WEIGHTS
+from llmprune.io.compressed import iter_compressed
 from llmprune.solvers.masks import nm_violations
 from llmprune.spec import NMPattern
 
@@ -70,7 +73,6 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     >>> report["overall_sparsity"], report["nm_patterns"]  # doctest: +SKIP
     (0.5, ['2:4', '4:8'])
     """
-    from safetensors import safe_open
 
     root = Path(path).expanduser()
     if root.is_file() and root.suffix == ".safetensors":
@@ -90,7 +92,10 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     modules: dict[str, dict[str, Any]] = {}
     for file in files:
         try:
-            modules.update(_file_stats(safe_open, file, transposed))
+            for key, weight in _linear_weights(file):
+                if transposed and _CONV1D_NAMES.search(key):
+                    weight = weight.t()  # Conv1D stores (in, out)
+                modules[key.removesuffix(".weight")] = weight_stats(weight)
         except Exception as exc:  # safetensors raises its own error type for damaged files
             if type(exc).__module__.split(".")[0] != "safetensors" and not isinstance(exc, OSError):
                 raise
@@ -121,18 +126,17 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _file_stats(safe_open, file: Path, transposed: bool) -> dict[str, dict[str, Any]]:
-    out = {}
+def _linear_weights(file: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of each Linear-like weight in one file, read one at a time (compressed: decoded)."""
+    from safetensors import safe_open
+
+    if file.name == COMPRESSED_WEIGHTS:
+        yield from ((k, t) for k, t in iter_compressed(file) if is_linear_weight(k, list(t.shape)))
+        return
     with safe_open(str(file), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            shape = list(handle.get_slice(key).get_shape())
-            if not is_linear_weight(key, shape):
-                continue
-            weight = handle.get_tensor(key)
-            if transposed and _CONV1D_NAMES.search(key):
-                weight = weight.t()  # Conv1D stores (in, out)
-            out[key.removesuffix(".weight")] = weight_stats(weight)
-    return out
+            if is_linear_weight(key, list(handle.get_slice(key).get_shape())):
+                yield key, handle.get_tensor(key)
 
 
 def _natural_key(name: str) -> list:

@@ -20,6 +20,8 @@ import torch
 
 from llmprune.errors import ModelLoadError
 from llmprune.io.atomic import remove_stale_temporaries, temp_path
+from llmprune.io.compressed import is_compressed
+from llmprune.io.weights import load_compressed_model
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,20 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     return target
 
 
+def _single_gguf(folder: Path) -> Path | None:
+    """The one ``.gguf`` file of a folder without ``config.json`` (as ``--format gguf`` writes), else None."""
+    if (folder / "config.json").is_file():
+        return None
+    files = sorted(folder.glob("*.gguf"))
+    return files[0] if len(files) == 1 else None
+
+
+def _tokenizer(path: str, **kwargs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def _from_pretrained(path: str, *, dtype: torch.dtype, gguf_file: str | None = None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,6 +167,13 @@ def load_model(
                 raise ModelLoadError(f"GGUF file {path} does not exist: check the path.")
             model, tok = _from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
             clear_quantization(model)
+        elif path.is_dir() and _single_gguf(path) is not None:  # a folder written by --format gguf
+            gguf_path = _single_gguf(path)
+            model, tok = _from_pretrained(str(path), gguf_file=gguf_path.name, dtype=torch_dtype)
+            clear_quantization(model)
+        elif path.is_dir() and is_compressed(path):  # llmprune's compressed sparse layout
+            model = load_compressed_model(path, torch_dtype, trust_remote_code=trust_remote_code)
+            tok = _tokenizer(str(path), trust_remote_code=trust_remote_code)
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(

@@ -28,6 +28,7 @@ WRITTEN_PATTERNS = (
     "config.json",
     "generation_config.json",
     "*.safetensors",
+    "*.gguf",
     "model.safetensors.index.json",
     "tokenizer*",
     "special_tokens_map.json",

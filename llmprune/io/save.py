@@ -53,6 +53,7 @@ from llmprune.io.safetensors import (
     tensor_entries,
     write_index,
 )
+from llmprune.io.weights import check_format, write_weights
 from llmprune.result import PruneResult
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,14 @@ def save_pruned(
     hub_model_id: str | None = None,
     private: bool = False,
     token: str | None = None,
+    format: str = "dense",
+    gguf_type: str = "f16",
 ) -> Path:
     """Write the pruned model, its provenance and its model card to ``output_dir``, atomically.
+
+    ``format`` is ``dense`` (a plain checkpoint), ``compressed`` (llmprune's sparse safetensors layout,
+    ``docs/format.md``; read back by ``llmprune.load_model``) or ``gguf`` (one llama.cpp file of
+    ``gguf_type`` f16, bf16, q8_0 or f32).
 
     ``recipe`` is a dict or a ``llmprune.recipe.Recipe``. ``run_info`` entries are merged into
     ``run_info.json`` (e.g. ``command``, ``base_model``, ``license``); ``metrics`` is free-form, e.g.
@@ -149,6 +156,7 @@ def save_pruned(
             "push_to_hub=True needs hub_model_id, e.g. hub_model_id='your-name/model-wanda-50'."
         )
     check_output_dir(out, model, overwrite)
+    check_format(format, gguf_type, model)
     _prepare_dense(model)
     start = time.perf_counter()
     recipe = resolved_recipe(recipe, result)
@@ -160,17 +168,22 @@ def save_pruned(
         if keep_masks:
             write_masks = functools.partial(save_keep_masks, keep_masks)
     with atomic_folder(out.resolve()) as staging:  # through a symlink, replace what it points at
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        _scrub_config(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        weights_format = None
+        if format == "dense":
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+        else:
+            weights_format = write_weights(model, tokenizer, staging, format=format, gguf_type=gguf_type)
+        if format != "gguf":  # a GGUF file holds its config and tokenizer
+            _scrub_config(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         write_provenance(
             staging,
             model,
             result,
             sparsity=sparsity,
             recipe=recipe,
-            run_info=run_info,
+            run_info={**(run_info or {}), **({"weights_format": weights_format} if weights_format else {})},
             metrics=metrics,
             write_masks=write_masks,
             model_name=hub_model_id,
