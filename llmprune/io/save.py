@@ -406,6 +406,7 @@ def save_pruned(
     run_info: dict | None = None,
     metrics: dict | None = None,
     save_masks: bool = True,
+    extra_files: dict[str, Any] | None = None,
     max_shard_size: str = "5GB",
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
@@ -417,6 +418,7 @@ def save_pruned(
     ``recipe`` is a dict or a ``llmprune.recipe.Recipe``. ``run_info`` entries are merged into
     ``run_info.json`` (e.g. ``command``, ``base_model``, ``license``); ``metrics`` is free-form, e.g.
     ``{"perplexity": {"dense": 12.1, "pruned": 14.3, "dataset": "wikitext2", "seq_len": 512}}``.
+    ``extra_files`` maps file names to JSON documents written beside the weights (``structure.json``).
 
     >>> save_pruned(model, tok, "out/wanda-50", result=result, metrics=metrics)  # doctest: +SKIP
     PosixPath('out/wanda-50')
@@ -453,6 +455,8 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         _write_json(staging / "sparsity.json", sparsity)
+        for name, document in (extra_files or {}).items():  # e.g. structure.json
+            _write_json(staging / name, _plain(document))
         if resolved_recipe is not None:
             (staging / "recipe.yaml").write_text(
                 yaml.safe_dump(resolved_recipe, sort_keys=False), encoding="utf-8"
