@@ -126,3 +126,22 @@ def test_structured_prune_is_deterministic():
     assert runs[0].removal.to_dict() == runs[1].removal.to_dict()
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_card_states_the_measured_speedup():
+    from llmprune.structured.card import structure_lines
+
+    structure = {
+        "structure": "auto",
+        "method": "obs",
+        "block_params_removed": 0.3,
+        "counts": {"blocks": 4, "channels": 256, "kv_groups": 0},
+        "block_params": {"dense": 1000, "pruned": 700},
+        "total_params": {"dense": 1500, "pruned": 1200},
+        "config": {"num_hidden_layers": 26},
+    }
+    speed = {"speedup": {"prefill": 1.31, "decode": 1.27}, "settings": {"prefill": "8x512", "threads": 2}}
+    text = "\n".join(structure_lines(structure, speed))
+    assert "30.0% of the decoder-block parameters" in text and "4 decoder blocks" in text
+    assert "**1.31×**" in text and "**1.27×**" in text and "| `num_hidden_layers` | | 26 |" in text
+    assert "speed-up" not in "\n".join(structure_lines(structure, None))

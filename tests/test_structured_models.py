@@ -209,3 +209,21 @@ def test_structured_recovery_distils_from_the_dense_model():
     result = recover(small, input_ids=ids, method="perp", steps=4, dense_model=model, lr=1e-2, batch_size=4)
     assert result.steps_done == 4 and torch.isfinite(torch.tensor(result.losses)).all()
     assert any(not torch.equal(a, b) for a, b in zip(small.parameters(), before, strict=True))  # it trained
+
+
+def test_auto_scores_candidates_by_calibration_loss(arch):
+    """The skip hook removes a block exactly as the rebuilt model does; auto keeps the lowest loss."""
+    from llmprune.structured.pipeline import _candidate_loss
+    from llmprune.structured.plan import Allocation, Counts
+
+    model = make_model(arch)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    alloc = Allocation(Counts(blocks=1), [0], 0.0)
+    loss = _candidate_loss(model, layout_of(model), alloc, [], [], None, ids, {"dampening_frac": 0.01})
+    with torch.no_grad():
+        reference = float(rebuild(model, Removal(blocks=[0]))(input_ids=ids, labels=ids).loss)
+    assert loss == pytest.approx(reference, rel=1e-5)
+    result = _shrink(model, ids, structure="auto", sparsity=0.3)
+    assert len(result.search) >= 2
+    best = min(result.search, key=lambda r: r["loss"])
+    assert result.counts == {k: best[k] for k in ("blocks", "channels", "kv_groups")}

@@ -226,10 +226,12 @@ def prune_structured(
         depth_method = opts["depth_method"] or "residual"
     scores: list[dict[str, float]] = []
     dropped: list[int] = []
+    search: list[dict[str, Any]] = []
     if structure == "auto" and not explicit:
-        counts, dropped, scores = _auto_plan(
+        alloc, scores, search = _auto_plan(
             model, layout, ids, float(sparsity), costs, opts, batch_size, progress
         )
+        counts, dropped = alloc.counts, alloc.blocks
         notes.append(
             f"auto split: {counts.blocks} blocks, {counts.channels} channels and {counts.kv_groups} "
             "key-value groups per kept block"
@@ -257,6 +259,7 @@ def prune_structured(
         total_params={"dense": _params(model), "pruned": _params(small)},
         config=_shape(small, layout),
         block_scores=scores,
+        search=search,
         options={k: v for k, v in {**opts, **options}.items() if v is not None},
         calibration_hash=tokens_hash(ids),
         num_calibration_samples=int(ids.shape[0]),
@@ -355,8 +358,19 @@ def _choose_blocks(method: str, scores: list[dict[str, float]], count: int) -> l
     return sorted(sorted(range(len(scores)), key=lambda i: (scores[i][key], i))[:count])
 
 
+#: dense statistics kept for auto's candidate checks above this size are skipped (the proxy decides)
+_AUTO_STATS_BUDGET = 2 * 2**30
+
+
 def _auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress):
-    """Pass 1 on the dense model: block errors and OBS curves per block; then the best split."""
+    """Auto: the error proxy proposes one split per depth budget, the calibration loss picks among them.
+
+    Pass 1 on the dense model measures each block's removal error and the OBS error curves (and
+    greedy orders) of removing channels and key-value groups. ``plan.allocate`` proposes the best
+    split for a few numbers of dropped blocks; each proposal is then applied to the dense model
+    (dense-statistics refit, dropped blocks skipped by a hook) and scored by the LM loss on a few
+    calibration windows, because a sum of per-block errors misjudges how dropped blocks compound.
+    """
     need = (
         counts_for("width", min(fraction, 0.95), c, 1).channels
         if fraction * c.total < c.num_blocks * c.width * c.channel
@@ -367,34 +381,97 @@ def _auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progres
     heads = _head_groups(model) if g_max else None
     channel_groups = torch.arange(c.width)[:, None]
     scores, block_err, wcurves, hcurves = [], [], [], []
-    q, o = (layout.attn[0], layout.attn[3]) if layout.attn else (None, None)
+    orders: list[tuple[list[int], list[int]]] = []  # per block: greedy channel order, group order
+    o = layout.attn[3] if layout.attn else None
     taps = [layout.mlp_out] + ([o] if g_max else [])
+    o_width = int(heads.numel()) if g_max else 0
+    keep_stats = 4 * c.num_blocks * (c.width**2 + o_width**2) <= _AUTO_STATS_BUDGET  # fp32 Hessians
+    dense_stats: list[dict[str, InputStats]] = []
 
     def visit(i: int, block: nn.Module, inputs) -> list:
         st, outs = measure_block(block, i, inputs, taps)
         scale = max(st.out_scale, 1e-30)
         scores.append(_block_score(st))
-        block_err.append(
-            st.residual_error
-            if (opts["depth_method"] or "residual") == "residual"
-            else scores[-1]["block_influence"]
-        )
-        _, curve = choose_groups(
-            "obs", block.get_submodule(layout.mlp_out), st.inputs[layout.mlp_out], channel_groups, k_max, opts
-        )
+        residual = (opts["depth_method"] or "residual") == "residual"
+        block_err.append(st.residual_error if residual else scores[-1]["block_influence"])
+        down = block.get_submodule(layout.mlp_out)
+        worder, curve = choose_groups("obs", down, st.inputs[layout.mlp_out], channel_groups, k_max, opts)
         wcurves.append([0.0] + [e / scale for e in curve])
+        horder, hc = [], []
         if g_max:
-            _, hc = choose_groups(
-                "obs", block.get_submodule(o), st.inputs[o], heads, g_max, {**opts, "obs_rounds": g_max}
-            )
-            hcurves.append([0.0] + [e / scale for e in hc])
-        else:
-            hcurves.append([0.0])
+            hopts = {**opts, "obs_rounds": g_max}
+            horder, hc = choose_groups("obs", block.get_submodule(o), st.inputs[o], heads, g_max, hopts)
+        hcurves.append([0.0] + [e / scale for e in hc])
+        orders.append((worder, horder))
+        if keep_stats:
+            dense_stats.append(st.inputs)
         return outs
 
     block_pass(model, ids, visit, batch_size=batch_size, desc="(1/2) measuring", progress=progress)
-    alloc = allocate(fraction, c, block_err, wcurves, hcurves, opts["width_multiple"], layout.structures)
-    return alloc.counts, alloc.blocks, scores
+    args = (fraction, c, block_err, wcurves, hcurves, opts["width_multiple"], layout.structures)
+    proxy = allocate(*args)
+    if not keep_stats or "depth" not in layout.structures:
+        return proxy, scores, []
+    full = (
+        counts_for("depth", fraction, c).blocks if fraction * c.total < (c.num_blocks - 0.5) * c.block else 0
+    )
+    proposals = {proxy.counts.blocks: proxy}
+    for d in sorted({0, full // 3, (2 * full) // 3, full} - set(proposals)):
+        try:
+            proposals[d] = allocate(*args, blocks=d)
+        except ConfigError:  # no split with exactly d blocks fits the budget
+            continue
+    search = []
+    for _, alloc in sorted(proposals.items()):
+        loss = _candidate_loss(
+            model, layout, alloc, orders, dense_stats, heads, ids[: min(8, len(ids))], opts
+        )
+        search.append({**vars(alloc.counts), "dropped": alloc.blocks, "proxy": alloc.error, "loss": loss})
+        log.info("auto candidate %s: calibration loss %.4f (proxy %.4g)", alloc.counts, loss, alloc.error)
+    best = min(search, key=lambda r: (r["loss"], r["blocks"]))
+    return proposals[best["blocks"]], scores, search
+
+
+def _skip_block(_module, args, kwargs, output):
+    """Forward hook making a block the identity: what removing it does, without changing the model."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
+
+
+@torch.no_grad()
+def _candidate_loss(model, layout, alloc, orders, dense_stats, heads, ids: Tensor, opts) -> float:
+    """LM loss of the dense model with ``alloc`` applied (edits undone and hooks removed after)."""
+    _, blocks = find_blocks(model)
+    originals: list[tuple[nn.Module, Tensor, Tensor | None]] = []
+    hooks = []
+    k, g = alloc.counts.channels, alloc.counts.kv_groups
+    try:
+        for i, block in enumerate(blocks):
+            if i in alloc.blocks:
+                hooks.append(block.register_forward_hook(_skip_block, with_kwargs=True))
+                continue
+            edits = [(layout.mlp_out, torch.tensor(orders[i][0][:k]))] if k else []
+            if g:
+                edits.append((layout.attn[3], heads[orders[i][1][:g]].flatten()))
+            for name, cols in edits:
+                module = _keep_original(block.get_submodule(name), originals)
+                remove_columns(module, cols, dense_stats[i][name], True, opts["dampening_frac"])
+        losses = [
+            float(model(input_ids=ids[b : b + 4], labels=ids[b : b + 4]).loss) for b in range(0, len(ids), 4)
+        ]
+        return sum(losses) / len(losses)
+    finally:
+        for h in hooks:
+            h.remove()
+        _restore(originals)
+
+
+def _keep_original(module: nn.Module, originals: list) -> nn.Module:
+    bias = getattr(module, "bias", None)
+    originals.append(
+        (module, module.weight.detach().clone(), None if bias is None else bias.detach().clone())
+    )
+    return module
 
 
 def _shrink_pass(

@@ -97,19 +97,21 @@ def allocate(
     head_curves: list[list[float]],
     multiple: int = 8,
     structures: tuple[str, ...] = ("depth", "width", "heads"),
+    blocks: int | None = None,
 ) -> Allocation:
     """The split of ``fraction`` across depth, width and heads with the least summed error proxy.
 
     ``block_error[i]``: removing block i; ``width_curves[i][k]`` / ``head_curves[i][k]``: removing ``k``
     channels / groups from block i (``[0] == 0``; as long as the search may need). For every number of
     dropped blocks and of removed groups, the channels fill the rest of the budget; the dropped blocks
-    are those whose removal costs least compared with shrinking them.
+    are those whose removal costs least compared with shrinking them. ``blocks`` fixes how many
+    blocks are dropped.
     """
     budget = fraction * c.total
     best: Allocation | None = None
     max_blocks = c.num_blocks - 1 if "depth" in structures else 0
     max_groups = c.kv_heads - 1 if "heads" in structures and c.kv_heads else 0
-    for d in range(max_blocks + 1):
+    for d in range(max_blocks + 1) if blocks is None else [blocks]:
         kept = c.num_blocks - d
         for g in range(max_groups + 1):
             rest = budget - d * c.block - kept * g * c.group

@@ -26,6 +26,7 @@ class StructuredResult:
     total_params: dict[str, int]  # dense / pruned parameters of the whole model
     config: dict[str, Any]  # the shape keys of the new config
     block_scores: list[dict[str, float]] = field(default_factory=list)  # per original block
+    search: list[dict[str, Any]] = field(default_factory=list)  # auto: candidates and calibration losses
     options: dict[str, Any] = field(default_factory=dict)
     calibration_hash: str = ""
     num_calibration_samples: int = 0
@@ -57,6 +58,7 @@ class StructuredResult:
             "config": self.config,
             "removed": self.removal.to_dict(),
             "block_scores": self.block_scores,
+            "search": self.search,
             "options": self.options,
             "calibration_hash": self.calibration_hash,
             "num_calibration_samples": self.num_calibration_samples,
