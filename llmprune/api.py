@@ -32,6 +32,7 @@ from llmprune.io.fingerprint import files_digest
 from llmprune.io.models import load_model, resolve_device, resolve_dtype
 from llmprune.io.save import check_output_dir, save_pruned, save_streamed
 from llmprune.result import PruneResult
+from llmprune.structured.pipeline import prune_structured
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def prune(
     trust_remote_code: bool = False,
     recipe: dict | None = None,
     run_info: dict | None = None,
+    structure: str = "unstructured",
     **solver_args: Any,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, and report what was done.
@@ -100,7 +102,13 @@ def prune(
 
     >>> llmprune.prune("./llama-70b", method="sparsegpt", sparsity="2:4", streaming=True,
     ...                output_dir="./llama-70b-2of4", max_memory="16GB", resume=True)  # doctest: +SKIP
+
+    ``structure`` other than ``"unstructured"`` (``depth``, ``width``, ``heads``, ``auto``) removes
+    ``sparsity`` of the decoder-block parameters as whole structures and returns a
+    ``StructuredResult`` whose ``.model`` is the new, smaller model (see ``llmprune.structured``).
     """
+    if structure != "unstructured":
+        return _prune_structured(model, tokenizer, locals(), solver_args)
     cfg = engine_config(
         model,
         method=method,
@@ -129,7 +137,7 @@ def prune(
         dataset=dataset,
         device=device,
         solver=cfg.solver,
-        options=solver_args,
+        options=cfg.options,  # the solver's own (allocation options were split off and checked)
         max_seq_length=max_seq_length,
     )
     comm = current_comm()
@@ -242,3 +250,25 @@ def _unselected_weights(model, result: PruneResult) -> int:
         if n not in result.modules
     )
 
+
+def _prune_structured(model, tokenizer, args: dict[str, Any], options: dict[str, Any]):
+    """``prune(..., structure=...)``: shrink the model (llmprune.structured), save it if asked."""
+    from llmprune.structured.save import save_structured
+
+    preflight.before_loading(
+        model,
+        output_dir=args["output_dir"],
+        overwrite=args["overwrite"],
+        dataset=args["dataset"],
+        device=args["device"],
+        max_seq_length=args["max_seq_length"],
+    )
+    if is_model_path(model):
+        model, tokenizer = load_model(str(model), dtype=args["dtype"], device=args["device"])
+    keys = ("structure", "method", "sparsity", "dataset", "num_calibration_samples", "max_seq_length")
+    settings = {k: args[k] for k in (*keys, "seed", "batch_size", "progress")}
+    result = prune_structured(model, tokenizer, **settings, **options)
+    if args["output_dir"] is not None:
+        out, recipe, info = args["output_dir"], args["recipe"], args["run_info"]
+        save_structured(result, tokenizer, out, recipe=recipe, run_info=info, overwrite=args["overwrite"])
+    return result

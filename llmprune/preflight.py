@@ -294,17 +294,21 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int | None) -> None:
 
 def check_recipe(recipe, *, overwrite: bool = False, evaluate: bool = True) -> dict[str, Any] | None:
     """``before_loading`` for a resolved recipe: what ``llmprune prune`` checks before it loads a model."""
+    from llmprune.allocation import split_options
     from llmprune.registry import get_solver
 
     check_dataset(recipe.recover.dataset, "recover.dataset")
+    masks = getattr(recipe.prune, "structure", "unstructured") == "unstructured"
+    # structured runs check their own options (llmprune.structured.settings, via the recipe)
+    options = split_options(recipe.prune.allocation, recipe.prune.options)[0] if masks else {}
     return before_loading(
         recipe.model.name,
         output_dir=recipe.output_dir,
         overwrite=overwrite,
         dataset=recipe.calibration.dataset,
         device=recipe.model.device,
-        solver=get_solver(recipe.prune.method),
-        options=recipe.prune.options,
+        solver=get_solver(recipe.prune.method) if masks else None,
+        options=options,
         max_seq_length=recipe.calibration.max_seq_length,
         eval_dataset=recipe.eval.eval_dataset if evaluate else None,
         tasks=recipe.eval.tasks,

@@ -44,6 +44,7 @@ from llmprune.io.atomic import write_text
 from llmprune.io.gguf_export import GGUF_TYPES
 from llmprune.io.weights import FORMATS
 from llmprune.spec import ModuleSelection, SparsitySpec
+from llmprune.structured.settings import check_settings as check_structured
 from llmprune.version import RECIPE_VERSION, __version__
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,17 @@ class PruneSection:
     batch_size: int = 8
     allocation: str = "uniform"  # per-layer sparsity: uniform | owl | error | depth (llmprune.allocation)
     options: dict[str, Any] = field(default_factory=dict)  # the solver's (and allocation's) keyword options
+    structure: str = "unstructured"  # or depth | width | heads | auto (llmprune.structured)
 
     def __post_init__(self) -> None:
+        if self.structure != "unstructured":  # whole structures: their own methods and options
+            self.sparsity = _canonical_sparsity("prune.sparsity", self.sparsity)
+            try:
+                options = _mapping("prune.options", self.options)
+                check_structured(self.structure, self.method, self.sparsity, options)
+            except ConfigError as exc:
+                raise _fail("prune", str(exc)) from None
+            return
         solver = _method("prune.method", self.method)
         self.sparsity = _canonical_sparsity("prune.sparsity", self.sparsity)
         self.targets = _str_list("prune.targets", self.targets)
@@ -585,6 +595,7 @@ FLAG_KEYS: dict[str, str] = {
     "offload_dir": "calibration.offload_dir",
     "method": "prune.method",
     "sparsity": "prune.sparsity",
+    "structure": "prune.structure",
     "targets": "prune.targets",
     "ignore": "prune.ignore",
     "true_sequential": "prune.true_sequential",

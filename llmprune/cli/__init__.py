@@ -14,7 +14,7 @@ import sys
 from llmprune.errors import LlmpruneError
 
 #: subcommand modules under llmprune.cli, in the order ``--help`` lists them
-COMMANDS = ("prune", "recover", "eval", "sweep", "inspect", "export", "push")
+COMMANDS = ("prune", "recover", "eval", "sweep", "inspect", "export", "push", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

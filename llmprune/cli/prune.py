@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_pruning_flags(p)
     add_calibration_flags(p)
     add_scale_flags(p)
+    p.add_argument(
+        "--structure",
+        choices=["unstructured", "depth", "width", "heads", "auto"],
+        help="remove whole blocks/channels/heads: a smaller, faster model (default unstructured)",
+    )
+    p.add_argument(
+        "--bench", action="store_true", help="--structure: time prefill/decode against the dense model"
+    )
     g = p.add_argument_group("recovery")
     g.add_argument("--recover", choices=["perp", "lift"], help="retrain a tiny subset after pruning")
     g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
@@ -100,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args, command="prune")  # a bad recipe or flag fails before loading anything
     check_recipe(recipe, overwrite=args.overwrite, evaluate=not args.skip_eval)
     _check_save_format(recipe)
+    if recipe.prune.structure != "unstructured":  # a smaller model, not masks: llmprune.structured
+        from llmprune.cli.prune_structured import run_structured
+
+        return run_structured(args, recipe, measure=_scores, command=_command())
     if recipe.model.streaming:
         return _run_streaming(args, recipe)
     checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, recipe.output_dir, args.resume)

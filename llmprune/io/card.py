@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from llmprune.io.format_card import format_section, format_tag
+from llmprune.structured.card import structure_lines
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ def _body(
     versions = run_info.get("versions") or {}
     lines += ["- software: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and "git" not in k), ""]
     lines += _evaluation(metrics)
+    if run_info.get("structure"):  # a structurally pruned (smaller) model
+        lines += structure_lines(run_info["structure"], run_info.get("speed"))
     lines += ["## Achieved sparsity", "", "| matrix | count | sparsity | N:M valid |", "|---|---|---|---|"]
     for kind, (count, ratio, valid) in _by_kind(sparsity.get("modules") or {}).items():
         lines.append(f"| {kind} | {count} | {ratio:.2%} | {valid} |")

@@ -39,10 +39,12 @@ from llmprune.io.models import clear_quantization
 from llmprune.io.output_dir import check_output_dir as check_folder
 from llmprune.io.provenance import (  # noqa: F401 - sparsity_report re-exported for callers of io.save
     keep_masks_from_weights,
+    plain,
     resolved_recipe,
     source_model,
     sparsity_document,
     sparsity_report,
+    write_json,
     write_provenance,
 )
 from llmprune.io.safetensors import (
@@ -127,6 +129,7 @@ def save_pruned(
     metrics: dict | None = None,
     save_masks: bool = True,
     overwrite: bool = False,
+    extra_files: dict[str, Any] | None = None,
     max_shard_size: str = "5GB",
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
@@ -146,6 +149,7 @@ def save_pruned(
     ``{"perplexity": {"dense": 12.1, "pruned": 14.3, "dataset": "wikitext2", "seq_len": 512}}``.
     An existing ``output_dir`` is replaced only if an earlier llmprune run wrote it and ``overwrite=True``;
     a folder holding anything else is refused (``llmprune.io.output_dir``).
+    ``extra_files`` maps file names to JSON documents written beside the weights (``structure.json``).
 
     >>> save_pruned(model, tok, "out/wanda-50", result=result, metrics=metrics)  # doctest: +SKIP
     PosixPath('out/wanda-50')
@@ -189,6 +193,8 @@ def save_pruned(
             model_name=hub_model_id,
             started=start,
         )
+        for name, document in (extra_files or {}).items():  # e.g. structure.json
+            write_json(staging / name, plain(document))
     log.info("saved pruned checkpoint to %s (%.1f%% sparse)", out, 100 * sparsity["overall_sparsity"])
     if push_to_hub:
         from llmprune.io.hub import push_to_hub as push
