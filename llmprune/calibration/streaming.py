@@ -498,10 +498,12 @@ def stream_blocks(
     """``prune_streaming`` once its keywords are checked (``settings.engine_config`` made ``cfg``)."""
     from llmprune.io.models import resolve_device, resolve_dtype
     from llmprune.io.save import check_output_dir
+    from llmprune.preflight import after_loading
 
     folder = resolve_folder(model)
     compute = resolve_device(device)
     skeleton, reader, names = build_skeleton(folder, resolve_dtype(dtype, compute), trust_remote_code)
+    after_loading(skeleton, cfg.selection)  # module names only: a selection matching nothing fails now
     if tokenizer is None and any(folder.glob("tokenizer*")):
         try:
             from transformers import AutoTokenizer
