@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import BlockSource, EngineConfig, prune_blocks
-from llmprune.calibration.modules import WeightView, find_blocks
+from llmprune.calibration.modules import WeightView, find_blocks, prunable_linears
 from llmprune.calibration.resume import Progress, run_fingerprint, save_tensors, write_safetensors
 from llmprune.calibration.settings import calibration_ids
 from llmprune.errors import ModelLoadError
@@ -359,18 +359,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _sparsity_report(model: nn.Module, prefix: str, files: list[Path], result: PruneResult) -> dict[str, Any]:
-    """``sparsity.json`` as ``io.save.sparsity_report`` writes it, measured on the written shards."""
+    """``sparsity.json`` as ``io.save.sparsity_report`` writes it, measured on the written shards: every
+    Linear of the blocks, the ones the selection left dense too (they count in ``overall_sparsity``)."""
     from llmprune.io.save import module_entry, sparsity_summary
 
     modules: dict[str, dict[str, Any]] = {}
     for i, path in enumerate(files):
-        names = [n for n in result.modules if n.startswith(f"{prefix}.{i}.")]
-        if not names:
-            continue
+        names = [f"{prefix}.{i}.{n}" for n in prunable_linears(model.get_submodule(f"{prefix}.{i}"))]
         for name in names:  # one matrix in memory at a time
             weight = read_safetensors(path, {"w": f"{name}.weight"})["w"]
             transposed = WeightView(model.get_submodule(name)).transposed
-            modules[name] = module_entry(weight.t() if transposed else weight, result.modules[name])
+            modules[name] = module_entry(weight.t() if transposed else weight, result.modules.get(name))
     return sparsity_summary(modules, result)
 
 
@@ -498,7 +497,7 @@ def stream_blocks(
     """``prune_streaming`` once its keywords are checked (``settings.engine_config`` made ``cfg``)."""
     from llmprune.io.models import resolve_device, resolve_dtype
     from llmprune.io.save import check_output_dir
-    from llmprune.preflight import after_loading
+    from llmprune.preflight import after_loading, prunable_names
 
     folder = resolve_folder(model)
     compute = resolve_device(device)
@@ -540,6 +539,8 @@ def stream_blocks(
     try:
         prune_blocks(skeleton, input_ids, cfg, result, source=source, progress=prog)
         result.seconds = time.perf_counter() - start
+        left_dense = set(prunable_names(skeleton)) - set(result.modules)  # ignored or not targeted
+        result.dense_weights = sum(int(skeleton.get_submodule(n).weight.numel()) for n in left_dense)
         if comm.is_main:
             write_streamed(
                 out, skeleton, source, prog, result, tokenizer, folder, recipe=recipe, run_info=run_info
