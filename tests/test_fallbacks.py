@@ -96,3 +96,16 @@ def test_overall_sparsity_counts_the_ignored_linears(tmp_path):
     saved = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     assert saved["overall_sparsity"] == pytest.approx(zeros / total)
     assert saved["modules"][DOWN]["target"] is None and saved["num_modules"] == len(linears)
+
+
+def test_streaming_counts_the_ignored_linears_as_in_memory_does(tmp_path, tiny_tokenizer):
+    make_model("llama").save_pretrained(tmp_path / "src")
+    kw = dict(method="wanda", sparsity=0.5, ignore=["down_proj"], dataset=_ids(), progress=False)
+    src, streamed_out = str(tmp_path / "src"), str(tmp_path / "streamed")
+    streamed = llmprune.prune(src, streaming=True, output_dir=streamed_out, **kw)
+    in_memory = llmprune.prune(make_model("llama"), output_dir=str(tmp_path / "memory"), **kw)
+    assert streamed.overall_sparsity == pytest.approx(in_memory.overall_sparsity)
+    assert in_memory.overall_sparsity < 0.5
+    a, b = (json.loads((tmp_path / d / "sparsity.json").read_text()) for d in ("streamed", "memory"))
+    assert a["overall_sparsity"] == pytest.approx(b["overall_sparsity"])
+    assert a["modules"].keys() == b["modules"].keys()

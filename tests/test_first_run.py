@@ -135,3 +135,14 @@ def test_eval_writes_nothing_into_the_model_folder_unless_told(checkpoint, tmp_p
     after = _snapshot(out)
     assert after["recipe.yaml"] == before["recipe.yaml"]
     assert {"results.json", "eval_recipe.yaml"} <= set(after)
+
+
+def test_streaming_saves_the_sizes_it_used(tmp_path, tiny_tokenizer):
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT)
+    for part in (make_model("llama"), tiny_tokenizer):
+        part.save_pretrained(tmp_path / "tiny-llama")
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(tmp_path / "tiny-llama"), "--dataset", str(tmp_path / "text.txt")]
+    assert main([*argv, "--streaming", "--output_dir", str(out), "--num_calibration_samples", "2"]) == 0
+    recipe = (out / "recipe.yaml").read_text()
+    assert "max_seq_length: 64" in recipe and "num_calibration_samples: 2" in recipe

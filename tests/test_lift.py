@@ -189,4 +189,3 @@ def test_lift_option_errors() -> None:
         recover(model, method="lift", input_ids=chain_windows(), update_intervall=3)
     with pytest.raises(ConfigError, match="svd"):
         LiftOptions(svd="fast")
-

@@ -104,7 +104,7 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     gguf.write_bytes(b"GGUF")
     with pytest.raises(ModelLoadError, match="save_pretrained"):
         _stream(gguf, tmp_path / "o3")
-    with pytest.raises(ConfigError, match="overlap the input model"):
+    with pytest.raises(ConfigError, match="holds the model"):
         _stream(src, src)
     (src / "model.safetensors").rename(src / "weights.bin")
     with pytest.raises(ModelLoadError, match="safetensors"):

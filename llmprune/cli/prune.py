@@ -212,6 +212,7 @@ def _run_streaming(args: argparse.Namespace, recipe) -> int:
         )
     if not args.skip_eval:
         log.info("--streaming: no perplexity is measured (run `llmprune eval --model OUTPUT_DIR` after)")
+    recipe = _sizes_from_config(recipe)  # the saved recipe names the sizes the run uses
     kwargs = recipe.prune_kwargs(with_output_dir=True)
     run_info = {"command": _command(), "license": EMBEDDED_LICENSES.get(recipe.model.name)}
     t0 = time.perf_counter()
@@ -264,6 +265,22 @@ def _announce(model, tok, recipe, skip_eval: bool) -> None:
         count = window_count(kwargs["limit"], length) or "all"
         evaluation = (len(eval_windows(tok, kwargs["dataset"], length, count)), length)
     announce(model, calibration=calibration, evaluation=evaluation)
+
+
+def _sizes_from_config(recipe):
+    """Calibration sizes left to the defaults, resolved from the model's config.json and the device."""
+    from llmprune.calibration.settings import default_num_samples
+    from llmprune.io.models import resolve_device
+    from llmprune.preflight import model_config, window_length
+
+    c, config = recipe.calibration, model_config(recipe.model.name)
+    sizes = {}
+    if c.max_seq_length is None and config is not None:
+        sizes["calibration.max_seq_length"] = window_length(None, config)
+    if c.num_calibration_samples is None:
+        device = resolve_device(recipe.model.device)
+        sizes["calibration.num_calibration_samples"] = default_num_samples(device)
+    return recipe.with_overrides(sizes) if sizes else recipe
 
 
 def _resolved_sizes(recipe, result):

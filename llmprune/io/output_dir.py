@@ -103,8 +103,9 @@ def check_output_dir(
         src = src.resolve()
         if target == src or target in src.parents or src in target.parents:
             raise ConfigError(
-                f"{flag} {given} would overlap the input model {source}; writing there would change the "
-                "input model. Fix: choose a separate folder, e.g. --output_dir ./pruned-model."
+                f"{flag} {given} overlaps the folder that holds the model being pruned ({source}): writing "
+                "there would change the input model. Fix: choose a separate folder, e.g. --output_dir "
+                "./pruned-model."
             )
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:

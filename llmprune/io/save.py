@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from llmprune.calibration.modules import WeightView, find_blocks
+from llmprune.calibration.modules import WeightView, find_blocks, prunable_linears
 from llmprune.errors import ConfigError
 from llmprune.io.atomic import atomic_folder, link_or_copy
 from llmprune.io.masks import (  # noqa: F401 - re-exported: checkpoint readers import them from here
@@ -255,7 +255,9 @@ def save_streamed(
                 for f in source_folder.glob(pattern):
                     shutil.copyfile(f, staging / f.name)
         per_block = [[n for n in result.modules if n.startswith(f"{prefix}.{i}.")] for i in range(num)]
-        sparsity = sparsity_document(_written_weights(model, shards, per_block), result)
+        # every Linear of the blocks, the ones the selection left dense too: they count in overall_sparsity
+        every = [[f"{prefix}.{i}.{n}" for n in prunable_linears(block)] for i, block in enumerate(blocks)]
+        sparsity = sparsity_document(_written_weights(model, shards, every), result)
         write_masks = None
         if result.modules:
             shapes = {n: list(result.modules[n].shape) for names in per_block for n in names}
@@ -274,7 +276,7 @@ def save_streamed(
 
 
 def _written_weights(model: nn.Module, shards: list[Path], per_block: list[list[str]]):
-    """(name, (out, in) weight) of every pruned matrix, read back from the written shards one at a time."""
+    """(name, (out, in) weight) of the named matrices, read back from the written shards one at a time."""
     for shard, names in zip(shards, per_block, strict=True):
         for name in names:
             weight = read_tensors(shard, {"w": f"{name}.weight"})["w"]
