@@ -263,7 +263,7 @@ def table(r: dict, a) -> str:
     p = r["prune"]
     lines = [
         f"`scripts/bench_finetune.py --steps {a.steps} --max_seconds {a.max_seconds:g} "
-        f"--threads {a.threads}` "
+        f"--batch_size {a.batch_size} --threads {a.threads}` "
         f"(under `nice -n 10`, the machine shared with five other engineers' jobs, so seconds are noisy): "
         f"SmolLM2-135M, SparseGPT 50 % on {a.num_calibration_samples} × {a.max_seq_length} calibration "
         f"tokens, then per arm {a.steps} optimiser steps or {a.max_seconds:g} s of training, whichever came "
