@@ -36,7 +36,7 @@ from llmprune.calibration.settings import calibration_ids
 from llmprune.errors import ConfigError
 from llmprune.structured.arch import Layout, check_structure, head_geometry, layout_of
 from llmprune.structured.passes import BlockStats, InputStats, block_pass, measure_block, run_block
-from llmprune.structured.plan import Costs, Counts, allocate, counts_for
+from llmprune.structured.plan import Allocation, Costs, Counts, allocate, counts_for
 from llmprune.structured.refit import mean_compensation, refit_columns, refit_with_bias
 from llmprune.structured.result import StructuredResult
 from llmprune.structured.scores import (
@@ -415,21 +415,33 @@ def _auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progres
     full = (
         counts_for("depth", fraction, c).blocks if fraction * c.total < (c.num_blocks - 0.5) * c.block else 0
     )
-    proposals = {proxy.counts.blocks: proxy}
-    for d in sorted({0, full // 3, (2 * full) // 3, full} - set(proposals)):
-        try:
-            proposals[d] = allocate(*args, blocks=d)
-        except ConfigError:  # no split with exactly d blocks fits the budget
-            continue
-    search = []
-    for _, alloc in sorted(proposals.items()):
-        loss = _candidate_loss(
-            model, layout, alloc, orders, dense_stats, heads, ids[: min(8, len(ids))], opts
-        )
+    eval_ids = ids[: min(8, len(ids))]
+    tried: dict[tuple[int, int], Allocation] = {}
+    search: list[dict[str, Any]] = []
+
+    def consider(alloc: Allocation | None) -> None:
+        if alloc is None or (alloc.counts.blocks, alloc.counts.kv_groups) in tried:
+            return
+        tried[(alloc.counts.blocks, alloc.counts.kv_groups)] = alloc
+        loss = _candidate_loss(model, layout, alloc, orders, dense_stats, heads, eval_ids, opts)
         search.append({**vars(alloc.counts), "dropped": alloc.blocks, "proxy": alloc.error, "loss": loss})
         log.info("auto candidate %s: calibration loss %.4f (proxy %.4g)", alloc.counts, loss, alloc.error)
+
+    def proposal(**fixed: int) -> Allocation | None:
+        try:
+            return allocate(*args, **fixed)
+        except ConfigError:  # nothing with exactly these counts fits the budget
+            return None
+
+    # coordinate search: the depth budget first (groups as the proxy likes), then the groups at the best depth
+    consider(proxy)
+    for d in sorted({0, full // 3, (2 * full) // 3, full}):
+        consider(proposal(blocks=d))
     best = min(search, key=lambda r: (r["loss"], r["blocks"]))
-    return proposals[best["blocks"]], scores, search
+    for g in range(g_max + 1):
+        consider(proposal(blocks=best["blocks"], groups=g))
+    best = min(search, key=lambda r: (r["loss"], r["blocks"]))
+    return tried[(best["blocks"], best["kv_groups"])], scores, search
 
 
 def _skip_block(_module, args, kwargs, output):
