@@ -37,8 +37,9 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
     Pass 1 on the dense model measures each block's removal error and the OBS error curves (and
     greedy orders) of removing channels and key-value groups. ``plan.allocate`` proposes the best
     split for a few numbers of dropped blocks; each proposal is then applied to the dense model
-    (dense-statistics refit, dropped blocks skipped by a hook) and scored by the LM loss on a few
-    calibration windows, because a sum of per-block errors misjudges how dropped blocks compound.
+    (dense-statistics refit, dropped blocks skipped by a hook) and scored by the LM loss on a quarter of
+    the calibration windows (at most 8) held out of the statistics, because a sum of per-block errors
+    misjudges how dropped blocks compound and a refit judged on its own windows flatters itself.
     """
     need = (
         counts_for("width", min(fraction, 0.95), c, 1).channels
@@ -76,7 +77,12 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
             dense_stats.append(st.inputs)
         return outs
 
-    block_pass(model, ids, visit, batch_size=batch_size, desc="(1/2) measuring", progress=progress)
+    # the candidates' refits are fitted on some windows and judged on others: judged in-sample, a refit
+    # of o_proj made removing heads look cheap (SmolLM2, 30 %: loss 3.95 in-sample, held-out ppl 168
+    # against 115 for channels only)
+    held = max(1, min(8, len(ids) // 4)) if len(ids) > 1 else 0
+    fit_ids, eval_ids = (ids[:-held], ids[-held:]) if held else (ids, ids)
+    block_pass(model, fit_ids, visit, batch_size=batch_size, desc="(1/2) measuring", progress=progress)
     args = (fraction, c, block_err, wcurves, hcurves, opts["width_multiple"], layout.structures)
     proxy = allocate(*args)
     if not keep_stats or "depth" not in layout.structures:
@@ -84,7 +90,6 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
     full = (
         counts_for("depth", fraction, c).blocks if fraction * c.total < (c.num_blocks - 0.5) * c.block else 0
     )
-    eval_ids = ids[: min(8, len(ids))]
     tried: dict[tuple[int, int], Allocation] = {}
     search: list[dict[str, Any]] = []
 
