@@ -179,6 +179,13 @@ def time_shapes(args) -> None:
     save_json(Path(args.json), record)
 
 
+def command_line(settings: dict[str, Any]) -> str:
+    """The flags of the run that produced ``settings`` (those that change the figures)."""
+    keys = ("sparsities", "rows", "num_calibration_samples", "eval_windows", "eval_length", "prefill_batch")
+    keys += ("prefill_length", "new_tokens", "repeats", "threads")
+    return " ".join(f"--{k} {settings[k]}" for k in keys if settings.get(k) not in (None, ""))
+
+
 def render(record: dict[str, Any]) -> str:
     s, dense = record["settings"], record["dense"]
     lines = [
@@ -186,7 +193,7 @@ def render(record: dict[str, Any]) -> str:
         f"speed: prefill {s['prefill_batch']}×{s['prefill_length']} (last-position logits) and greedy "
         f"decode of {s['new_tokens']} tokens at batch 1, every model timed alternately in one process, "
         f"medians of {s['repeats']} rounds, {s['threads']} thread(s) on a shared 2-core CPU. "
-        f"`python scripts/bench_structured.py --sparsities {s['sparsities']} --threads {s['threads']}`."
+        f"`python scripts/bench_structured.py {command_line(s)}`."
         + (f" Speed {s['speed_note']}." if s.get("speed_note") else ""),
         "",
         "| target | structure · method | block params removed | shape (layers, MLP, KV heads) | ppl | "
