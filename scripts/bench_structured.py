@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--sparsities", default="0.3", help="comma-separated fractions of block parameters")
-    ap.add_argument("--rows", default="", help="comma-separated structures to run (default: all)")
+    ap.add_argument("--rows", default="", help="comma-separated structure/method rows (default: all)")
     ap.add_argument("--num_calibration_samples", type=int, default=32)
     ap.add_argument("--max_seq_length", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=16)
@@ -56,8 +56,15 @@ def main() -> None:
     ap.add_argument("--json", default="/tmp/bench_structured.json")
     ap.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     ap.add_argument("--from_json", action="store_true", help="only render the markdown from --json")
+    ap.add_argument(
+        "--speed_only",
+        action="store_true",
+        help="time the shapes recorded in --json (speed depends on shape only)",
+    )
     args = ap.parse_args()
-    if args.from_json:
+    if args.speed_only:
+        time_shapes(args)
+    if args.from_json or args.speed_only:
         write_section("structured", render(json.loads(Path(args.json).read_text())))
         return
 
@@ -88,7 +95,7 @@ def main() -> None:
     wanted = set(filter(None, args.rows.split(",")))
     for fraction in [float(s) for s in args.sparsities.split(",")]:
         for label, structure, method in ROWS:
-            if wanted and structure not in wanted:
+            if wanted and f"{structure}/{method}" not in wanted:
                 continue
             target = fraction if structure != "heads" else min(fraction, 0.15)
             start = time.perf_counter()
@@ -136,6 +143,49 @@ def main() -> None:
         write_section("structured", render(record))
 
 
+def time_shapes(args) -> None:
+    """Rebuild each recorded row's shape from the dense model and time them all alternately."""
+    import llmprune
+    from llmprune.evaluation.speed import compare_speed, speedups
+    from llmprune.structured.surgery import Removal, rebuild
+
+    torch.set_num_threads(args.threads)
+    record = json.loads(Path(args.json).read_text())
+    dense, _ = llmprune.load_model(record["settings"]["model"])
+    n = dense.config.num_hidden_layers
+    models = {"dense": dense}
+    for row in record["rows"]:
+        if "key" in row:
+            c = row["counts"]
+            kept = range(c["blocks"], n)
+            removal = Removal(
+                blocks=list(range(c["blocks"])),
+                channels={i: list(range(c["channels"])) for i in kept},
+                kv_groups={i: list(range(c["kv_groups"])) for i in kept},
+            )
+            models[row["key"]] = rebuild(dense, removal)
+    speeds = compare_speed(
+        models, prefill_batch=args.prefill_batch, prefill_length=args.prefill_length,
+        new_tokens=args.new_tokens, repeats=args.repeats,
+    )  # fmt: skip
+    ups = speedups(speeds, "dense")
+    for row in record["rows"]:
+        if "key" in row:
+            row["speedup"], row["speed"] = ups[row["key"]], speeds[row["key"]].to_dict()
+    record["settings"].update(
+        {k: getattr(args, k) for k in ("prefill_batch", "prefill_length", "new_tokens")}
+    )
+    record["settings"]["speed_note"] = "timed on the rebuilt shapes in a separate run"
+    save_json(Path(args.json), record)
+
+
+def command_line(settings: dict[str, Any]) -> str:
+    """The flags of the run that produced ``settings`` (those that change the figures)."""
+    keys = ("sparsities", "rows", "num_calibration_samples", "eval_windows", "eval_length", "prefill_batch")
+    keys += ("prefill_length", "new_tokens", "repeats", "threads")
+    return " ".join(f"--{k} {settings[k]}" for k in keys if settings.get(k) not in (None, ""))
+
+
 def render(record: dict[str, Any]) -> str:
     s, dense = record["settings"], record["dense"]
     lines = [
@@ -143,7 +193,8 @@ def render(record: dict[str, Any]) -> str:
         f"speed: prefill {s['prefill_batch']}×{s['prefill_length']} (last-position logits) and greedy "
         f"decode of {s['new_tokens']} tokens at batch 1, every model timed alternately in one process, "
         f"medians of {s['repeats']} rounds, {s['threads']} thread(s) on a shared 2-core CPU. "
-        f"`python scripts/bench_structured.py --sparsities {s['sparsities']} --threads {s['threads']}`.",
+        f"`python scripts/bench_structured.py {command_line(s)}`."
+        + (f" Speed {s['speed_note']}." if s.get("speed_note") else ""),
         "",
         "| target | structure · method | block params removed | shape (layers, MLP, KV heads) | ppl | "
         "prefill × | decode × | file MiB |",

@@ -145,3 +145,11 @@ def test_card_states_the_measured_speedup():
     assert "30.0% of the decoder-block parameters" in text and "4 decoder blocks" in text
     assert "**1.31×**" in text and "**1.27×**" in text and "| `num_hidden_layers` | | 26 |" in text
     assert "speed-up" not in "\n".join(structure_lines(structure, None))
+
+
+def test_cli_structure_then_recovery_distils_from_the_dense_model(tiny_checkpoint, capsys):
+    folder, text = tiny_checkpoint
+    args = _args(folder, text, "--structure", "width", "--sparsity", "0.3", "--recover", "perp")
+    assert main([*args, "--recover_steps", "2", "--skip_eval", "--json"]) == 0
+    recovery = json.loads(capsys.readouterr().out)["recovery"]
+    assert recovery["steps_done"] == 2 and recovery["options"]["distill"] == 1.0  # the dense teacher was used

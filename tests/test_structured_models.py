@@ -213,7 +213,7 @@ def test_structured_recovery_distils_from_the_dense_model():
 
 def test_auto_scores_candidates_by_calibration_loss(arch):
     """The skip hook removes a block exactly as the rebuilt model does; auto keeps the lowest loss."""
-    from llmprune.structured.pipeline import _candidate_loss
+    from llmprune.structured.auto import _candidate_loss
     from llmprune.structured.plan import Allocation, Counts
 
     model = make_model(arch)

@@ -9,6 +9,8 @@ Layout (pure math apart from the passes, as for the unstructured solvers):
 * ``arch.py``     where each architecture keeps its MLP and attention projections, what it can express
 * ``surgery.py``  the smaller state dict and config, rebuilt as a plain transformers model
 * ``passes.py``   block-sequential calibration passes (one block and its activations in memory)
+* ``edits.py``    function-equivalent edits during a pass (zero columns, refit, restore)
+* ``auto.py``     auto's search: the proxy proposes splits, the calibration loss picks
 * ``pipeline.py`` ``prune_structured``: plan → passes → rebuild; ``save.py``: ``structure.json`` + card
 
 Entry points: ``llmprune.prune(model, tok, structure="auto", sparsity=0.3)`` and

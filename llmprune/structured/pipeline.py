@@ -21,7 +21,6 @@ The edits are written as function-equivalent zeros; ``surgery.rebuild`` then bui
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from typing import Any
@@ -35,21 +34,23 @@ from llmprune.calibration.modules import WeightView, find_blocks
 from llmprune.calibration.settings import calibration_ids
 from llmprune.errors import ConfigError
 from llmprune.structured.arch import Layout, check_structure, head_geometry, layout_of
-from llmprune.structured.passes import BlockStats, InputStats, block_pass, measure_block, run_block
-from llmprune.structured.plan import Costs, Counts, allocate, counts_for
-from llmprune.structured.refit import mean_compensation, refit_columns, refit_with_bias
+from llmprune.structured.auto import auto_plan
+from llmprune.structured.edits import (
+    block_score,
+    choose_groups,
+    head_groups,
+    remove_columns,
+    restore,
+)
+from llmprune.structured.passes import block_pass, measure_block, run_block
+from llmprune.structured.plan import Costs, Counts, counts_for
 from llmprune.structured.result import StructuredResult
 from llmprune.structured.scores import (
     angular_distance,
-    block_influence,
-    fluctuation_scores,
-    group_scores,
-    obs_group_removal,
     token_cosines,
-    wanda_channel_scores,
 )
 from llmprune.structured.settings import SHAPE_KEYS, check_settings, resolve_method
-from llmprune.structured.surgery import Removal, check_removal, head_indices, mlp_width, rebuild
+from llmprune.structured.surgery import Removal, check_removal, mlp_width, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -121,62 +122,6 @@ def counts_from_shape(model: nn.Module, layout: Layout, options: dict[str, Any],
     return Counts(blocks=c.num_blocks - layers, channels=c.width - width, kv_groups=groups)
 
 
-def _head_groups(model: nn.Module) -> Tensor:
-    g = head_geometry(model.config)
-    return torch.stack([head_indices(g, [k])[0] for k in range(g.num_kv_heads)])  # (G, rep * hd)
-
-
-def _augmented(W: Tensor, bias: Tensor | None, st: InputStats) -> tuple[Tensor, Tensor]:
-    """[W | b] and the Hessian of [x; 1] for a biased layer (the bias column is never removed)."""
-    if bias is None:
-        return W, st.hessian
-    from llmprune.structured.refit import augmented_hessian
-
-    return torch.cat([W, bias.detach().float()[:, None]], 1), augmented_hessian(st.hessian, st.mean)
-
-
-def choose_groups(
-    method: str, module: nn.Module, st: InputStats, groups: Tensor, count: int, opts: dict[str, Any]
-) -> tuple[list[int], list[float] | None]:
-    """Which ``count`` groups of input columns of ``module`` to remove (and the OBS error curve)."""
-    W = WeightView(module).read()  # (out, in)
-    if method == "obs":
-        Wa, Ha = _augmented(W, getattr(module, "bias", None), st)
-        step = max(1, math.ceil(count / opts["obs_rounds"]))
-        return obs_group_removal(Wa, Ha, groups, count, damp=opts["dampening_frac"], step=step)
-    cols = (
-        wanda_channel_scores(W, st.sq_norms)
-        if method == "wanda_sp"
-        else fluctuation_scores(W, st.sq_norms, st.mean)
-    )
-    order = torch.argsort(group_scores(cols, groups), stable=True)
-    return order[:count].tolist(), None
-
-
-@torch.no_grad()
-def remove_columns(module: nn.Module, removed: Tensor, st: InputStats, refit: bool, damp: float) -> None:
-    """Write the function-equivalent edit: removed input columns zero, the rest refitted (or kept), and
-    the bias compensated for the removed columns' mean where the layer has one."""
-    view = WeightView(module)
-    W = view.read()  # (out, in)
-    bias = getattr(module, "bias", None)
-    keep = torch.ones(W.shape[1], dtype=torch.bool)
-    keep[removed] = False
-    new_b = None
-    new = torch.zeros_like(W)
-    if refit and bias is not None:
-        new[:, keep], new_b = refit_with_bias(W, bias.detach().float(), st.hessian, st.mean, keep, damp=damp)
-    elif refit:
-        new[:, keep] = refit_columns(W, st.hessian, keep, damp=damp)
-    else:
-        new[:, keep] = W[:, keep]
-        if bias is not None:
-            new_b = mean_compensation(W, bias.detach().float(), st.mean, keep)
-    view.write(keep[None, :].expand_as(W), new)
-    if new_b is not None:
-        bias.copy_(new_b.to(bias.dtype))
-
-
 def prune_structured(
     model: nn.Module,
     tokenizer=None,
@@ -228,7 +173,7 @@ def prune_structured(
     dropped: list[int] = []
     search: list[dict[str, Any]] = []
     if structure == "auto" and not explicit:
-        alloc, scores, search = _auto_plan(
+        alloc, scores, search = auto_plan(
             model, layout, ids, float(sparsity), costs, opts, batch_size, progress
         )
         counts, dropped = alloc.counts, alloc.blocks
@@ -247,7 +192,7 @@ def prune_structured(
             _shrink_pass(model, layout, ids, counts, removal, wmethod, opts, batch_size, progress, originals)
         small = rebuild(model, removal)
     finally:
-        _restore(originals)
+        restore(originals)
     result = StructuredResult(
         model=small,
         structure=structure,
@@ -277,15 +222,6 @@ def prune_structured(
         result.seconds,
     )
     return result
-
-
-@torch.no_grad()
-def _restore(originals: list[tuple[nn.Module, Tensor, Tensor | None]]) -> None:
-    """Put back the input model's weights: the edits were only needed to propagate the calibration."""
-    for module, weight, bias in originals:
-        module.weight.copy_(weight)
-        if bias is not None:
-            module.bias.copy_(bias)
 
 
 def _params(model: nn.Module) -> int:
@@ -326,7 +262,7 @@ def _depth_scores(
         if i == 0 and angular:
             window.append(list(inputs.hidden))
         st, outs = measure_block(block, i, inputs, [])
-        scores.append(_block_score(st))
+        scores.append(block_score(st))
         if angular:
             window.append(outs)
             if len(window) == span + 1:
@@ -340,13 +276,6 @@ def _depth_scores(
     return scores
 
 
-def _block_score(st: BlockStats) -> dict[str, float]:
-    return {
-        "block_influence": block_influence(st.cos_sum, st.num_tokens),
-        "residual_error": st.residual_error,
-    }
-
-
 def _choose_blocks(method: str, scores: list[dict[str, float]], count: int) -> list[int]:
     if count == 0:
         return []
@@ -356,122 +285,6 @@ def _choose_blocks(method: str, scores: list[dict[str, float]], count: int) -> l
         return list(range(best, best + count))
     key = "block_influence" if method == "block_influence" else "residual_error"
     return sorted(sorted(range(len(scores)), key=lambda i: (scores[i][key], i))[:count])
-
-
-#: dense statistics kept for auto's candidate checks above this size are skipped (the proxy decides)
-_AUTO_STATS_BUDGET = 2 * 2**30
-
-
-def _auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress):
-    """Auto: the error proxy proposes one split per depth budget, the calibration loss picks among them.
-
-    Pass 1 on the dense model measures each block's removal error and the OBS error curves (and
-    greedy orders) of removing channels and key-value groups. ``plan.allocate`` proposes the best
-    split for a few numbers of dropped blocks; each proposal is then applied to the dense model
-    (dense-statistics refit, dropped blocks skipped by a hook) and scored by the LM loss on a few
-    calibration windows, because a sum of per-block errors misjudges how dropped blocks compound.
-    """
-    need = (
-        counts_for("width", min(fraction, 0.95), c, 1).channels
-        if fraction * c.total < c.num_blocks * c.width * c.channel
-        else c.width - 1
-    )
-    k_max = min(c.width - 1, need + opts["width_multiple"])
-    g_max = c.kv_heads - 1 if c.kv_heads else 0
-    heads = _head_groups(model) if g_max else None
-    channel_groups = torch.arange(c.width)[:, None]
-    scores, block_err, wcurves, hcurves = [], [], [], []
-    orders: list[tuple[list[int], list[int]]] = []  # per block: greedy channel order, group order
-    o = layout.attn[3] if layout.attn else None
-    taps = [layout.mlp_out] + ([o] if g_max else [])
-    o_width = int(heads.numel()) if g_max else 0
-    keep_stats = 4 * c.num_blocks * (c.width**2 + o_width**2) <= _AUTO_STATS_BUDGET  # fp32 Hessians
-    dense_stats: list[dict[str, InputStats]] = []
-
-    def visit(i: int, block: nn.Module, inputs) -> list:
-        st, outs = measure_block(block, i, inputs, taps)
-        scale = max(st.out_scale, 1e-30)
-        scores.append(_block_score(st))
-        residual = (opts["depth_method"] or "residual") == "residual"
-        block_err.append(st.residual_error if residual else scores[-1]["block_influence"])
-        down = block.get_submodule(layout.mlp_out)
-        worder, curve = choose_groups("obs", down, st.inputs[layout.mlp_out], channel_groups, k_max, opts)
-        wcurves.append([0.0] + [e / scale for e in curve])
-        horder, hc = [], []
-        if g_max:
-            hopts = {**opts, "obs_rounds": g_max}
-            horder, hc = choose_groups("obs", block.get_submodule(o), st.inputs[o], heads, g_max, hopts)
-        hcurves.append([0.0] + [e / scale for e in hc])
-        orders.append((worder, horder))
-        if keep_stats:
-            dense_stats.append(st.inputs)
-        return outs
-
-    block_pass(model, ids, visit, batch_size=batch_size, desc="(1/2) measuring", progress=progress)
-    args = (fraction, c, block_err, wcurves, hcurves, opts["width_multiple"], layout.structures)
-    proxy = allocate(*args)
-    if not keep_stats or "depth" not in layout.structures:
-        return proxy, scores, []
-    full = (
-        counts_for("depth", fraction, c).blocks if fraction * c.total < (c.num_blocks - 0.5) * c.block else 0
-    )
-    proposals = {proxy.counts.blocks: proxy}
-    for d in sorted({0, full // 3, (2 * full) // 3, full} - set(proposals)):
-        try:
-            proposals[d] = allocate(*args, blocks=d)
-        except ConfigError:  # no split with exactly d blocks fits the budget
-            continue
-    search = []
-    for _, alloc in sorted(proposals.items()):
-        loss = _candidate_loss(
-            model, layout, alloc, orders, dense_stats, heads, ids[: min(8, len(ids))], opts
-        )
-        search.append({**vars(alloc.counts), "dropped": alloc.blocks, "proxy": alloc.error, "loss": loss})
-        log.info("auto candidate %s: calibration loss %.4f (proxy %.4g)", alloc.counts, loss, alloc.error)
-    best = min(search, key=lambda r: (r["loss"], r["blocks"]))
-    return proposals[best["blocks"]], scores, search
-
-
-def _skip_block(_module, args, kwargs, output):
-    """Forward hook making a block the identity: what removing it does, without changing the model."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
-
-
-@torch.no_grad()
-def _candidate_loss(model, layout, alloc, orders, dense_stats, heads, ids: Tensor, opts) -> float:
-    """LM loss of the dense model with ``alloc`` applied (edits undone and hooks removed after)."""
-    _, blocks = find_blocks(model)
-    originals: list[tuple[nn.Module, Tensor, Tensor | None]] = []
-    hooks = []
-    k, g = alloc.counts.channels, alloc.counts.kv_groups
-    try:
-        for i, block in enumerate(blocks):
-            if i in alloc.blocks:
-                hooks.append(block.register_forward_hook(_skip_block, with_kwargs=True))
-                continue
-            edits = [(layout.mlp_out, torch.tensor(orders[i][0][:k]))] if k else []
-            if g:
-                edits.append((layout.attn[3], heads[orders[i][1][:g]].flatten()))
-            for name, cols in edits:
-                module = _keep_original(block.get_submodule(name), originals)
-                remove_columns(module, cols, dense_stats[i][name], True, opts["dampening_frac"])
-        losses = [
-            float(model(input_ids=ids[b : b + 4], labels=ids[b : b + 4]).loss) for b in range(0, len(ids), 4)
-        ]
-        return sum(losses) / len(losses)
-    finally:
-        for h in hooks:
-            h.remove()
-        _restore(originals)
-
-
-def _keep_original(module: nn.Module, originals: list) -> nn.Module:
-    bias = getattr(module, "bias", None)
-    originals.append(
-        (module, module.weight.detach().clone(), None if bias is None else bias.detach().clone())
-    )
-    return module
 
 
 def _shrink_pass(
@@ -488,7 +301,7 @@ def _shrink_pass(
 ) -> None:
     """Pass 2: per kept block, remove KV groups (o_proj refit), then MLP channels (output refit)."""
     refit = opts["refit"] if opts["refit"] is not None else method == "obs"
-    heads = _head_groups(model) if counts.kv_groups else None
+    heads = head_groups(model) if counts.kv_groups else None
     channel_groups = torch.arange(mlp_width(model, layout))[:, None]
     dropped = set(removal.blocks)
     originals = [] if originals is None else originals

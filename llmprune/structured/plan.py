@@ -98,14 +98,15 @@ def allocate(
     multiple: int = 8,
     structures: tuple[str, ...] = ("depth", "width", "heads"),
     blocks: int | None = None,
+    groups: int | None = None,
 ) -> Allocation:
     """The split of ``fraction`` across depth, width and heads with the least summed error proxy.
 
     ``block_error[i]``: removing block i; ``width_curves[i][k]`` / ``head_curves[i][k]``: removing ``k``
     channels / groups from block i (``[0] == 0``; as long as the search may need). For every number of
     dropped blocks and of removed groups, the channels fill the rest of the budget; the dropped blocks
-    are those whose removal costs least compared with shrinking them. ``blocks`` fixes how many
-    blocks are dropped.
+    are those whose removal costs least compared with shrinking them. ``blocks`` and ``groups`` fix
+    how many blocks are dropped and how many key-value groups are removed per kept block.
     """
     budget = fraction * c.total
     best: Allocation | None = None
@@ -113,7 +114,7 @@ def allocate(
     max_groups = c.kv_heads - 1 if "heads" in structures and c.kv_heads else 0
     for d in range(max_blocks + 1) if blocks is None else [blocks]:
         kept = c.num_blocks - d
-        for g in range(max_groups + 1):
+        for g in range(max_groups + 1) if groups is None else [groups]:
             rest = budget - d * c.block - kept * g * c.group
             k = _round_channels(rest / (kept * c.channel), c, multiple) if rest > 0 else 0
             if k >= c.width or k >= len(width_curves[0]) or (k and "width" not in structures):
