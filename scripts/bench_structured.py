@@ -221,7 +221,10 @@ def render(record: dict[str, Any]) -> str:
                 f"{c['blocks']} blocks + {c['channels']} ch + {c['kv_groups']} KV → loss {c['loss']:.3f}"
                 for c in row["search"]
             )
-            lines += ["", f"auto at {row['target']:.0%}, candidates (calibration loss, 8 windows): {cands}."]
+            lines += [
+                "",
+                f"auto at {row['target']:.0%}, candidates (loss on held-out calibration windows): {cands}.",
+            ]
     return "\n".join(lines)
 
 
