@@ -83,9 +83,9 @@ def run_variant(a: argparse.Namespace, method: str, sparsity: str | None, result
     save_json(a.out / "formats.json", results)
 
 
-_PEAK_RSS = (
-    "import resource, sys, llmprune; llmprune.load_model(sys.argv[1], device='cpu'); "
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+_PEAK_RSS = (  # one short forward after loading, so lazily mapped weights are resident too
+    "import resource, sys, torch, llmprune; m, _ = llmprune.load_model(sys.argv[1], device='cpu'); "
+    "m(torch.tensor([[1, 2, 3]])); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
 )
 
 
@@ -159,7 +159,7 @@ def report(a: argparse.Namespace, results: dict) -> str:
     if rss:
         lines += [
             "",
-            "Peak RSS of one `llmprune.load_model` in a fresh process, Wanda 50 %: "
+            "Peak RSS of one `llmprune.load_model` and a 3-token forward in a fresh process, Wanda 50 %: "
             + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items())
             + " (the GGUF load dequantizes through transformers).",
         ]
