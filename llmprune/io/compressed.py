@@ -275,18 +275,16 @@ def read_index(handle: Any, path: Path) -> tuple[dict[str, Any], dict[str, str]]
     return index, digests
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+def _torch_dtype(name: str) -> torch.dtype:
+    """safetensors' dtype names (F32, BF16, U8, BOOL, ...) -> torch dtypes."""
+    special = {"BOOL": torch.bool, "BF16": torch.bfloat16}
+    if name in special:
+        return special[name]
+    kind = {"F": "float", "I": "int", "U": "uint"}.get(name[:1])
+    dtype = getattr(torch, f"{kind}{name[1:]}", None) if kind else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown safetensors dtype {name!r}")
+    return dtype
 
 
 class _PlainReader:
@@ -326,7 +324,7 @@ class _PlainReader:
         self.file.seek(self.start + begin)
         if self.file.readinto(buffer.numpy()) != end - begin:
             raise ValueError(f"tensor {key!r} is cut short")
-        return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return buffer.view(_torch_dtype(entry["dtype"])).reshape(entry["shape"])
 
 
 def iter_compressed(path: str | Path) -> Iterator[tuple[str, Tensor]]:
