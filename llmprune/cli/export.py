@@ -17,7 +17,7 @@ def add_format_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, name:
         choices=FORMATS,
         default=None if recipe_default else default,
         help="dense: plain safetensors; compressed: llmprune's sparse layout (docs/format.md), "
-        f"about half the size at 50%% sparsity; gguf: one llama.cpp file (default {default})",
+        f"0.63x the bytes at 50%% sparsity; gguf: one llama.cpp file (default {default})",
     )
     p.add_argument(
         "--gguf_type",

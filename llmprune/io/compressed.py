@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import struct
 from collections.abc import Iterator, Mapping
 from functools import cache
 from itertools import combinations
@@ -273,6 +275,58 @@ def read_index(handle: Any, path: Path) -> tuple[dict[str, Any], dict[str, str]]
     return index, digests
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    """safetensors' dtype names (F32, BF16, U8, BOOL, ...) -> torch dtypes."""
+    special = {"BOOL": torch.bool, "BF16": torch.bfloat16}
+    if name in special:
+        return special[name]
+    kind = {"F": "float", "I": "int", "U": "uint"}.get(name[:1])
+    dtype = getattr(torch, f"{kind}{name[1:]}", None) if kind else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown safetensors dtype {name!r}")
+    return dtype
+
+
+class _PlainReader:
+    """A safetensors file read with ordinary file I/O, one tensor at a time.
+
+    ``safe_open`` maps the file, and every page a tensor was read from stays resident until the file is
+    closed: loading would need the dense model plus the whole compressed file. Reading into a fresh
+    buffer per tensor keeps the peak at the dense model plus one tensor.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        size = os.fstat(file.fileno()).st_size
+        head = file.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        length = struct.unpack("<Q", head)[0]
+        if 8 + length > size:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(file.read(length))
+        self.meta = header.pop("__metadata__", None) or {}
+        self.entries, self.start = header, 8 + length
+        end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        if self.start + end != size:
+            raise ValueError(f"{size - self.start} data bytes where the header describes {end}")
+
+    def metadata(self) -> dict[str, str]:
+        return self.meta
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, key: str) -> Tensor:
+        entry = self.entries[key]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        self.file.seek(self.start + begin)
+        if self.file.readinto(buffer.numpy()) != end - begin:
+            raise ValueError(f"tensor {key!r} is cut short")
+        return buffer.view(_torch_dtype(entry["dtype"])).reshape(entry["shape"])
+
+
 def iter_compressed(path: str | Path) -> Iterator[tuple[str, Tensor]]:
     """Yield (name, decoded tensor) one at a time, each checked against its SHA-256 first.
 
@@ -280,33 +334,33 @@ def iter_compressed(path: str | Path) -> Iterator[tuple[str, Tensor]]:
     tensor. A truncated or edited file raises ``CompressedFormatError`` (one line) before any tensor
     that fails its check is yielded.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
-    try:
-        with safe_open(str(path), framework="pt") as handle:
+    if not path.is_file():
+        raise CompressedFormatError(f"{path} does not exist: check the path.")
+    with open(path, "rb") as file:
+        try:
+            handle = _PlainReader(file)
             index, digests = read_index(handle, path)
-            for name, entry in index.items():
-                parts = {}
-                for key in (k for k in digests if k == name or k.startswith(f"{name}:")):
-                    parts[key] = handle.get_tensor(key)
-                    if _sha256(parts[key]) != digests[key]:
-                        raise _fail(
-                            path, f"tensor {key!r} fails its checksum (the file is corrupt or was modified)"
-                        )
+        except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:  # incl. JSON errors
+            raise _fail(path, f"unreadable safetensors file, probably truncated ({exc})") from None
+        for name, entry in index.items():
+            parts = {}
+            for key in (k for k in digests if k == name or k.startswith(f"{name}:")):
                 try:
-                    tensor = decode(name, entry, parts)
-                except (KeyError, ValueError, RuntimeError) as exc:
-                    raise _fail(path, f"tensor {name!r} cannot be decoded ({exc})") from None
-                yield name, tensor
-    except SafetensorError as exc:
-        raise _fail(path, f"unreadable safetensors file, probably truncated ({exc})") from None
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise _fail(path, f"the header is malformed ({exc})") from None
-    except FileNotFoundError:
-        raise CompressedFormatError(f"{path} does not exist: check the path.") from None
+                    parts[key] = handle.get_tensor(key)
+                except (ValueError, KeyError, RuntimeError) as exc:
+                    raise _fail(path, f"tensor {key!r} is unreadable ({exc})") from None
+                if _sha256(parts[key]) != digests[key]:
+                    raise _fail(
+                        path, f"tensor {key!r} fails its checksum (the file is corrupt or was modified)"
+                    )
+            try:
+                tensor = decode(name, entry, parts)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise _fail(path, f"tensor {name!r} cannot be decoded ({exc})") from None
+            yield name, tensor
 
 
 def read_compressed(path: str | Path) -> dict[str, Tensor]:
