@@ -179,7 +179,9 @@ def test_large_blocks_come_from_the_heap_inside_the_training_context() -> None:
     assert _fresh_mapping_for_one_block()  # the default: its own mmap, returned to the OS on free
     with heap.reuse_freed_memory():
         _fresh_mapping_for_one_block()  # the heap may grow once
-        assert not _fresh_mapping_for_one_block()  # then the freed block is reused
+        # then a freed block is reused: one of three tries suffices (a busy machine can refuse the heap's
+        # growth once, and glibc then falls back to a mapping), while without the context every try maps
+        assert not all(_fresh_mapping_for_one_block() for _ in range(3))
     # what comes back on exit is checked on the mallopt calls (next test): whether a later block gets a
     # fresh mapping also depends on where earlier tests left the heap's free space
 
