@@ -50,6 +50,7 @@ from torch import Tensor
 
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import get_solver, register_solver
+from llmprune.solvers.hessian import checked_hessian
 from llmprune.solvers.qubo import anneal
 from llmprune.solvers.threads import intra_op_threads
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, SolverResult
@@ -533,18 +534,7 @@ def icbs(problem: LayerProblem, **options) -> SolverResult:
     if spec.is_dense:
         return SolverResult(keep=torch.ones_like(weight, dtype=torch.bool))
     spec.check_width(width, problem.name)
-    hessian = problem.stats.hessian
-    if hessian is None or hessian.shape != (width, width):
-        raise DataError(
-            f"icbs needs the ({width}, {width}) input Hessian of {problem.name}, got "
-            f"{None if hessian is None else tuple(hessian.shape)}: collect LayerStats with needs={{HESSIAN}}."
-        )
-    if not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(weight).all()):
-        raise DataError(
-            f"{problem.name} has NaN/inf weights or calibration Hessian: check the checkpoint, and calibrate "
-            "in float32 or bfloat16 rather than float16."
-        )
-    hessian = hessian.to(weight.device)
+    hessian = checked_hessian("icbs", problem.name, weight, problem.stats.hessian)
     starter = get_solver(init)
     missing = starter.needs - {SQ_NORMS, HESSIAN}
     if missing:
