@@ -61,7 +61,8 @@ def main() -> None:
         "## First run: the defaults a new user gets\n\n"
         + "\n".join(rows)
         + (
-            "\n\nMeasured with `nice -n 10 python scripts/bench_first_run.py` on the shared 2-core machine; "
+            "\n\nMeasured with `python scripts/bench_first_run.py` on the 2-core machine (its load "
+            "average at the start of each command is in the table); "
             "the issue's target is under 15 minutes for the bare command and under 20 with "
             "`--max_seq_length 256`.\n"
         )
