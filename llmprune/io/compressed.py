@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from llmprune.errors import ModelLoadError
+from llmprune.io.masks import pack_bits, unpack_bits
 
 FORMAT = "llmprune.compressed"
 VERSION = 1
@@ -56,16 +57,6 @@ class CompressedFormatError(ModelLoadError):
 # ---------------------------------------------------------------- bits
 
 
-def pack_bits(bits: Tensor) -> Tensor:
-    """bool (k,) -> uint8 (ceil(k / 8),); first element in the high bit, zero padding at the end."""
-    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy()))  # numpy's default bit order: big
-
-
-def unpack_bits(packed: Tensor, count: int) -> Tensor:
-    """Inverse of ``pack_bits``: the first ``count`` bits as bool (count,)."""
-    return torch.from_numpy(np.unpackbits(packed.reshape(-1).numpy(), count=count).view(np.bool_))
-
-
 def pack_codes(codes: Tensor, width: int) -> Tensor:
     """Unsigned integers (k,) -> a big-endian stream of ``width``-bit fields, packed 8 bits a byte."""
     shifts = torch.arange(width - 1, -1, -1, dtype=torch.int64)  # most significant bit first
@@ -75,7 +66,7 @@ def pack_codes(codes: Tensor, width: int) -> Tensor:
 
 def unpack_codes(packed: Tensor, count: int, width: int) -> Tensor:
     """Inverse of ``pack_codes``: ``count`` fields of ``width`` bits as int64 (count,)."""
-    bits = unpack_bits(packed, count * width).reshape(count, width).to(torch.int64)
+    bits = unpack_bits(packed, (count * width,)).reshape(count, width).to(torch.int64)
     return (bits << torch.arange(width - 1, -1, -1, dtype=torch.int64)).sum(-1)
 
 
@@ -182,7 +173,7 @@ def decode(name: str, entry: Mapping[str, Any], parts: Mapping[str, Tensor]) -> 
         packed = parts[f"{name}:keep"]
         if packed.numel() != math.ceil(numel / 8):
             raise ValueError("the keep-mask has the wrong length")
-        keep = unpack_bits(packed, numel).numpy()
+        keep = unpack_bits(packed, (numel,)).numpy()
         if np.count_nonzero(keep) != values.numel():
             raise ValueError("the keep-mask and the values disagree in count")
         out = torch.zeros(numel, dtype=_SAME_WIDTH_INT[values.element_size()])  # bit patterns: any dtype

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,21 +21,18 @@ from llmprune.io.safetensors import read_tensors, write_tensors
 
 MASKS_FORMAT = "llmprune.keep_masks.v1"
 MASKS_FILE = "masks.safetensors"
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # first element = high bit
 
 
 def pack_bits(keep: Tensor) -> Tensor:
-    """bool, any shape -> uint8 (ceil(numel / 8),); first element in the high bit, as numpy.packbits."""
-    flat = keep.reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(-1, dtype=torch.int32).to(torch.uint8)
+    """bool, any shape -> uint8 (ceil(numel / 8),); first element in the high bit (``numpy.packbits``)."""
+    return torch.from_numpy(np.packbits(keep.detach().reshape(-1).cpu().numpy().astype(np.bool_)))
 
 
 def unpack_bits(packed: Tensor, shape: tuple[int, ...] | list[int]) -> Tensor:
     """Inverse of ``pack_bits``: uint8 (k,) -> bool ``shape``."""
     numel = math.prod(int(s) for s in shape)
-    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)  # (8k,)
-    return bits[:numel].reshape(tuple(int(s) for s in shape))
+    bits = np.unpackbits(packed.reshape(-1).cpu().numpy(), count=numel).view(np.bool_)
+    return torch.from_numpy(bits).reshape(tuple(int(s) for s in shape))
 
 
 def packed_size(shape: tuple[int, ...] | list[int]) -> int:

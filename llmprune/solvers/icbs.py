@@ -6,7 +6,7 @@ Two modes share one descent (:func:`refine`); ``IcbsOptions.update`` picks one.
   weights themselves, ``(w - ŵ) H (w - ŵ)^T`` per output row with ``H = mean x x^T`` (the layer-wise
   reconstruction loss ``||(W - Ŵ) X||^2 / tokens``). A kept weight is worth its current ŵ, a pruned
   one the value that best cancels the row's residual (one OBS re-add, ``g_j / H_jj``); every few
-  steps the kept weights are re-fitted to the per-row least-squares optimum by CG (:func:`refit_kept`).
+  steps the kept weights are re-fitted to the per-row least-squares optimum by CG (``solvers/pcg.py``).
 * ``update=False``: the paper's mask-only descent from Wanda's mask. Weights keep their original
   values, so pruning the set ``x`` (x_j = 1: pruned) of one row costs exactly ``x^T Q x`` with
   ``Q = (w w^T) ∘ H``.
@@ -51,6 +51,7 @@ from torch import Tensor
 from llmprune.errors import ConfigError, DataError
 from llmprune.registry import get_solver, register_solver
 from llmprune.solvers.hessian import checked_hessian
+from llmprune.solvers.pcg import masked_least_squares
 from llmprune.solvers.qubo import anneal
 from llmprune.solvers.threads import intra_op_threads
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerProblem, SolverResult
@@ -196,7 +197,7 @@ class _Descent:
     Mask-only mode (the paper's): kept weights stay at their original values, so every weight's
     value if kept is ``w``. Update mode: a kept weight's value is its current ŵ, and a pruned one
     would come back at ``g_j / H_jj``, the value that best cancels the row's residual with the rest
-    fixed (one OBS re-add); kept weights are re-fitted every few steps by :func:`refit_kept`.
+    fixed (one OBS re-add); kept weights are re-fitted every few steps by CG (``solvers/pcg.py``).
     """
 
     def __init__(self, weight: Tensor, hessian: Tensor, keep: Tensor, new_weight: Tensor | None) -> None:
@@ -265,45 +266,16 @@ class _Descent:
         return True
 
     def refit(self, iterations: int, threads: int) -> bool:
-        """Re-fit every row's kept weights (:func:`refit_kept`); rows take the result if their loss drops."""
+        """Re-fit every row's kept weights by CG (``solvers/pcg.py``); rows take it where the loss drops."""
         if iterations <= 0:
             return False
         keep = self.pruned < 0.5
         with intra_op_threads(threads):  # a few large GEMMs: the caller's threads pay off here
-            new = refit_kept(self.w, self.h32, keep, self.new, iterations).to(torch.float64)
+            new = masked_least_squares(self.w, self.h32, keep, self.new, iterations=iterations, rtol=0.0)
+            new = new.to(torch.float64)
             g, loss = self._field_and_loss(self.w - new)
         rows = torch.arange(self.w.shape[0], device=self.w.device)
         return self.accept(rows, new, g, loss)
-
-
-def refit_kept(weight: Tensor, hessian: Tensor, keep: Tensor, start: Tensor, iterations: int) -> Tensor:
-    """Per-row least squares of the kept weights, ``min (w - ŵ) H (w - ŵ)^T`` with ŵ zero off ``keep``.
-
-    Jacobi-preconditioned conjugate gradients on every row at once (each row is its own system
-    ``H_SS ŵ_S = (w H)_S``), from ``start``: ~10 iterations reach the optimum to a few parts in 1e4 on
-    LLM layers, at one (rows, in) x (in, in) product each, where a direct solve would factor one
-    matrix per row. CG never raises the objective from one iterate to the next. -> fp32 (out, in).
-    """
-    h = hessian.to(torch.float32)
-    keepf = keep.to(torch.float32)
-    tiny = torch.finfo(torch.float32).tiny
-    precond = 1.0 / torch.diagonal(h).clamp_min(tiny)
-    x = start.to(torch.float32) * keepf
-    r = ((weight.to(torch.float32) - x) @ h) * keepf  # the residual of H_SS ŵ_S = (w H)_S
-    z = r * precond
-    p = z.clone()
-    rz = (r * z).sum(-1, keepdim=True)
-    for _ in range(iterations):
-        ap = (p @ h) * keepf
-        curvature = (p * ap).sum(-1, keepdim=True)
-        alpha = torch.where(curvature > tiny, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
-        x.add_(alpha * p)
-        r.sub_(alpha * ap)
-        z = r * precond
-        rz_next = (r * z).sum(-1, keepdim=True)
-        p = z + torch.where(rz > tiny, rz_next / rz.clamp_min(tiny), torch.zeros_like(rz)) * p
-        rz = rz_next
-    return x.masked_fill(~keep, 0.0)
 
 
 def refine(
