@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import test_cli_prune
@@ -78,13 +79,21 @@ def test_recipe_structure_key_round_trips():
 
 def test_compare_speed_and_bench_cli(tmp_path, capsys, tiny_tokenizer):
     small, big = make_model("llama"), make_model("llama", seed=1)
-    speeds = compare_speed({"a": big, "b": small}, prefill_batch=2, prefill_length=8, new_tokens=4, repeats=2)
+    speeds = compare_speed({"a": big, "b": small}, prefill_batch=2, prefill_length=8, new_tokens=4, repeats=3)  # 3: a median, not a mean
     assert set(speeds) == {"a", "b"}
     for s in speeds.values():
-        assert len(s.prefill_seconds) == 2 and len(s.decode_seconds) == 2
+        assert len(s.prefill_seconds) == 3 and len(s.decode_seconds) == 3
         assert s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0 and s.peak_mib >= s.weights_mib > 0
+    # tokens/s from the medians of the timed seconds, and speed-ups as ratios of the two models' medians
+    a, b = speeds["a"], speeds["b"]
+    assert b.prefill_tokens_per_s == pytest.approx(2 * 8 / statistics.median(b.prefill_seconds))
+    assert b.decode_tokens_per_s == pytest.approx(4 / statistics.median(b.decode_seconds))
+    stored = [*small.parameters(), *small.buffers()]  # parameters() lists tied weights once
+    assert b.weights_mib == pytest.approx(sum(t.numel() * t.element_size() for t in stored) / 2**20)
     up = speedups(speeds, "a")
     assert up["a"] == {"prefill": 1.0, "decode": 1.0}
+    medians = [statistics.median(s.decode_seconds) for s in (a, b)]
+    assert up["b"]["decode"] == pytest.approx(medians[0] / medians[1])
     folder = tmp_path / "m"
     small.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
