@@ -79,7 +79,8 @@ def test_recipe_structure_key_round_trips():
 
 def test_compare_speed_and_bench_cli(tmp_path, capsys, tiny_tokenizer):
     small, big = make_model("llama"), make_model("llama", seed=1)
-    speeds = compare_speed({"a": big, "b": small}, prefill_batch=2, prefill_length=8, new_tokens=4, repeats=3)  # 3: a median, not a mean
+    models = {"a": big, "b": small}
+    speeds = compare_speed(models, prefill_batch=2, prefill_length=8, new_tokens=4, repeats=3)
     assert set(speeds) == {"a", "b"}
     for s in speeds.values():
         assert len(s.prefill_seconds) == 3 and len(s.decode_seconds) == 3
