@@ -348,13 +348,11 @@ def check_teacher(student: Any, teacher: Any, name: str = "--dense_model") -> No
         )
 
 
-def check_world(num_samples: int, batch_size: int, world: int) -> None:
-    """Under ``torchrun`` every process calibrates whole batches: refuse, before any scoring, a run with
-    fewer batches than processes."""
-    batches = -(-num_samples // batch_size)
-    if world > 1 and batches < world:
-        most = max(1, num_samples // world)
+def check_world(num_samples: int, world: int) -> None:
+    """Under ``torchrun`` the processes share the calibration samples (any batch size: each forms its own
+    batches), so the one impossible split is more processes than samples: refuse it before any work."""
+    if world > num_samples:
         raise ConfigError(
-            f"{num_samples} calibration windows in batches of {batch_size} make {batches} batch(es) for "
-            f"{world} processes: use --batch_size {most} or less, or fewer processes."
+            f"{world} processes cannot share {num_samples} calibration windows: use --nproc_per_node "
+            f"{num_samples} or less, or --num_calibration_samples {world} or more."
         )

@@ -262,15 +262,61 @@ def test_the_folder_with_foreign_files_survives_a_real_run(env):
     assert json.loads((env.root / "notes" / "config.json").read_text()) == {}
 
 
-def test_too_few_batches_for_the_processes_fail_before_the_dense_model_is_scored(env, monkeypatch, capsys):
-    """Before: rank 0 scored every dense perplexity window, then the engine refused the batch split."""
+def test_more_processes_than_windows_fail_before_the_model_loads(env, monkeypatch, capsys):
+    """Processes share samples, not batches: 2 windows for 2 processes run at any batch size, and only
+    a third process, with no window left for it, is refused, before anything loads or is scored."""
     from llmprune.calibration import distributed
+    from llmprune.preflight import check_world
 
-    class TwoRanks(distributed.Comm):
-        world = 2
+    class ThreeRanks(distributed.Comm):
+        world = 3
 
-    monkeypatch.setattr(distributed, "current_comm", lambda: TwoRanks())
-    _forbid_work(monkeypatch, "model")
+    check_world(2, 2)  # before: "2 windows in batches of 8 make 1 batch(es) for 2 processes"
+    monkeypatch.setattr(distributed, "current_comm", lambda: ThreeRanks())
+    _forbid_work(monkeypatch, "config")
+    before = _snapshot(env.root)
     argv = ["prune", "--model", str(env.model), "--dataset", str(env.text), "--num_calibration_samples", "2"]
     assert main([*argv, "--max_seq_length", "16", "--eval_dataset", str(env.text)]) == 2
-    assert "--batch_size 1 or less" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("llmprune: error:")]
+    assert len(errors) == 1 and "--nproc_per_node 2 or less" in errors[0], err
+    assert _snapshot(env.root) == before
+
+
+def _as_a_normal_user(monkeypatch) -> None:
+    """``os.access`` as for a user who owns the files but is not root: the mode bits decide (root,
+    which runs these tests, may write anywhere, so the check could never fail here otherwise)."""
+    import os
+    import stat
+
+    def access(path, mode, **kwargs):
+        bits = os.stat(path).st_mode
+        wanted = [(os.R_OK, stat.S_IRUSR), (os.W_OK, stat.S_IWUSR), (os.X_OK, stat.S_IXUSR)]
+        return all(bits & bit for flag, bit in wanted if mode & flag)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(env, monkeypatch, capsys, where):
+    """Before: a traceback after all the pruning work. Read-only folder (empty, or the parent of a new
+    one): one line naming the fix, the model never loaded, nothing written."""
+    locked = env.root / "locked"
+    locked.mkdir()
+    out = locked if where == "existing" else locked / "out"
+    _as_a_normal_user(monkeypatch)
+    _forbid_work(monkeypatch, "config")
+    locked.chmod(0o555)
+    try:
+        before = _snapshot(env.root)
+        assert main(_prune_flags(env, "--output_dir", str(out))) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("llmprune: error:")]
+        assert len(errors) == 1 and "is not writable: choose a folder you can write to" in errors[0], err
+        assert "Traceback" not in err
+        with pytest.raises(LlmpruneError, match="is not writable") as api_err:
+            _api(env, output_dir=str(out))()
+        assert "\n" not in str(api_err.value)
+        assert _snapshot(env.root) == before and not any(locked.iterdir())
+    finally:
+        locked.chmod(0o755)

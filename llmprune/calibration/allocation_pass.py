@@ -115,7 +115,7 @@ def allocate_sparsity(
         release(i, block)
         if current is not inputs and isinstance(current.hidden, DiskList):
             current.hidden.close()
-        current = BlockInputs(outputs, inputs.args, inputs.kwargs, inputs.first_batch)
+        current = BlockInputs(outputs, inputs.args, inputs.kwargs, inputs.starts)
         if i in used:
             bar.update(1)
     bar.close()

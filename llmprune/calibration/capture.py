@@ -130,13 +130,11 @@ def check_spill_settings(
         )
 
 
-def spills(
-    max_memory: int | str | None, model: nn.Module, input_ids: Tensor, batch_size: int, batches: range
-) -> bool:
+def spills(max_memory: int | str | None, model: nn.Module, input_ids: Tensor, share: range) -> bool:
     """Whether this rank's activations (block inputs and dense outputs) exceed ``max_memory``."""
     if max_memory is None:
         return False
-    samples = min(input_ids.shape[0], batches.stop * batch_size) - batches.start * batch_size
+    samples = len(share)
     width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
     need = 2 * samples * input_ids.shape[1] * width * model.get_input_embeddings().weight.element_size()
     spill = need > parse_bytes(max_memory)
@@ -161,16 +159,25 @@ def activation_list(spill: bool, folder: str | os.PathLike | None = None) -> lis
 class BlockInputs:
     """Per calibration batch: hidden states (B, L, d), extra positional args, keyword args.
 
-    ``first_batch`` is the global index of ``hidden[0]``: a process may hold a contiguous share only.
+    ``starts[k]`` is the global index of the first sample in ``hidden[k]``: a process may hold a
+    contiguous share of the samples only, and the statistics are summed per sample by that index.
     """
 
     hidden: list[Tensor] | DiskList = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
-    first_batch: int = 0
+    starts: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+
+def batch_ranges(share: range, batch_size: int) -> list[range]:
+    """The batches of samples ``share``: one process's batches (multiples of ``batch_size``), cut at the
+    share's ends, so a share that starts on a batch boundary batches exactly as one process does."""
+    inner = range(-(-share.start // batch_size) * batch_size, share.stop, batch_size)
+    edges = sorted({share.start, *inner, share.stop})
+    return [range(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def call_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict[str, Any]) -> Tensor:
@@ -199,19 +206,19 @@ def capture_block_inputs(
     input_ids: Tensor,
     batch_size: int,
     *,
-    batches: range | None = None,
+    samples: range | None = None,
     hidden: list | DiskList | None = None,
     device: torch.device | None = None,
 ) -> BlockInputs:
     """Run the model on ``input_ids`` (N, L) batch by batch, stopping at the first block's input.
 
-    ``batches`` picks a contiguous range of batch indices (default: all); ``hidden`` is where the hidden
-    states go (default: a list). ``device`` defaults to the first block's; the block itself never runs,
-    so it may still be on the meta device.
+    ``samples`` picks a contiguous range of samples (default: all; see :func:`batch_ranges`); ``hidden``
+    is where the hidden states go (default: a list). ``device`` defaults to the first block's; the block
+    itself never runs, so it may still be on the meta device.
     """
-    num_batches = -(-input_ids.shape[0] // batch_size)
-    batches = range(num_batches) if batches is None else batches
-    captured = BlockInputs(hidden=[] if hidden is None else hidden, first_batch=batches.start)
+    samples = range(input_ids.shape[0]) if samples is None else samples
+    batches = batch_ranges(samples, batch_size)
+    captured = BlockInputs(hidden=[] if hidden is None else hidden, starts=[b.start for b in batches])
     device = device or next(first_block.parameters()).device
 
     def hook(_module, args, kwargs):
@@ -228,7 +235,7 @@ def capture_block_inputs(
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for b in batches:
-            batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
+            batch = input_ids[b.start : b.stop].to(device)
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
     finally:

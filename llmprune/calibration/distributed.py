@@ -1,8 +1,12 @@
 """Calibration across processes (``torchrun`` / ``accelerate launch``): same masks, less wall time.
 
-Each rank holds a contiguous share of the calibration *batches* (batches, not samples: a batch is the
-unit the block forward and the statistics are computed on, so every batch is computed exactly as a
-single process would). Per block:
+Each rank holds a contiguous share of the calibration *samples* (:meth:`Comm.sample_range`) and forms
+its own batches inside it: the batches of one process, cut where a share ends. Samples, not batches,
+because the statistics are summed per sample (``stats.py``), so any share of any size gives the same
+bits. Shares are whole chunks of ``stats.CHUNK`` samples whenever there are at least as many chunks as
+ranks (no rank then holds a chunk's tail apart, which costs memory); with fewer chunks, the samples are
+split as evenly as possible. A rank needs at least one sample, so the only refusal is more ranks than
+samples. Per block:
 
 * statistics: every rank sums the tree nodes of its share (``stats.StatsAccumulator``); the partial
   sums are broadcast and every rank finishes the same fixed tree, so the statistics are bit-identical
@@ -14,11 +18,14 @@ single process would). Per block:
   is where Hessian methods spend their time, so this is where the ranks save it; broadcasting the
   result (rather than trusting every rank to compute the same bits) also keeps ranks consistent on
   GPUs, whose kernels need not be deterministic;
-* the block reconstruction error: per-batch values are gathered and summed in batch order.
+* the block reconstruction error: per-sample values (fp64) are gathered and summed in sample order.
 
-Only rank 0 writes (checkpoints, the output folder). Bit-identity with one process assumes that the
-same batch through the same block gives the same bits on every rank: same device type, dtype and
-thread count (``torch.set_num_threads``), as CPU matmul kernels may split work by thread count.
+Only rank 0 writes (checkpoints, the output folder). Bit-identity with one process assumes that a
+sample through a block gives the same bits whatever other samples share its batch, on every rank:
+same device type, dtype and thread count (``torch.set_num_threads``). CPU kernels here compute each
+sample's rows alike for any batch size (the tests check six architectures); with the default sizes
+(a multiple of 8 samples, batches of 8) the shares fall on batch boundaries, so every batch is the
+single process's batch anyway.
 
 >>> # torchrun --nproc_per_node 2 -m llmprune prune --model ./llama --method sparsegpt  # doctest: +SKIP
 """
@@ -33,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune.calibration.modules import WeightView
-from llmprune.calibration.stats import Node, StatsAccumulator, combine, dyadic_nodes
+from llmprune.calibration.stats import CHUNK, Node, StatsAccumulator, combine, part_spans
 from llmprune.errors import ConfigError
 from llmprune.io.masks import pack_bits, unpack_bits
 from llmprune.solvers.types import LayerStats
@@ -51,10 +58,9 @@ class Comm:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def batch_range(self, num_batches: int, rank: int | None = None) -> range:
-        """The contiguous batches ``rank`` (default: this one) calibrates on."""
-        r = self.rank if rank is None else rank
-        return range(r * num_batches // self.world, (r + 1) * num_batches // self.world)
+    def sample_range(self, num_samples: int, rank: int | None = None) -> range:
+        """The contiguous calibration samples ``rank`` (default: this one) calibrates on."""
+        return share(num_samples, self.world, self.rank if rank is None else rank)
 
     def owners(self, costs: list[float]) -> list[int]:
         """Which rank solves each Linear of a group, given rough solve costs: largest first, each to the
@@ -71,8 +77,8 @@ class Comm:
     def broadcast_tokens(self, input_ids: Tensor) -> Tensor:
         return input_ids
 
-    def reduce_stats(self, accs: list[StatsAccumulator], num_batches: int) -> list[LayerStats]:
-        """Statistics over all batches, one per accumulator (listed in the same order on every rank)."""
+    def reduce_stats(self, accs: list[StatsAccumulator], num_samples: int) -> list[LayerStats]:
+        """Statistics over all samples, one per accumulator (listed in the same order on every rank)."""
         return [acc.result() for acc in accs]
 
     def share_solution(
@@ -82,8 +88,8 @@ class Comm:
         rank. ``updated``: the solver changed kept weights too (else zeros where ``~keep`` is all)."""
         return keep, report
 
-    def sum_per_batch(self, values: list[list[float]], first_batch: int, num_batches: int) -> list[float]:
-        """Column sums of per-batch values (this rank's start at ``first_batch``), added in batch order."""
+    def sum_per_sample(self, values: list[list[float]], num_samples: int) -> list[float]:
+        """Column sums of per-sample values (this rank's share, in order), added in sample order."""
         return _ordered_sums(values)
 
     def barrier(self) -> None:
@@ -91,6 +97,18 @@ class Comm:
 
     def check_same(self, what: str, value: str) -> None:
         """Raise if ``value`` differs between ranks (e.g. a model or settings fingerprint)."""
+
+
+def share(num_samples: int, world: int, rank: int, chunk: int = CHUNK) -> range:
+    """Rank ``rank``'s contiguous share of ``num_samples``: whole chunks if every rank can have one, else
+    an even split. Empty only when ``world > num_samples``, which the engine refuses."""
+    chunks = -(-num_samples // chunk)
+    if chunks >= world:
+        return range(
+            min(num_samples, rank * chunks // world * chunk),
+            min(num_samples, (rank + 1) * chunks // world * chunk),
+        )
+    return range(rank * num_samples // world, (rank + 1) * num_samples // world)
 
 
 def _ordered_sums(rows: list[list[float]]) -> list[float]:
@@ -138,18 +156,18 @@ class TorchComm(Comm):
         )
         return self._bcast(ids, 0)
 
-    def reduce_stats(self, accs: list[StatsAccumulator], num_batches: int) -> list[LayerStats]:
+    def reduce_stats(self, accs: list[StatsAccumulator], num_samples: int) -> list[LayerStats]:
         out = []
         for acc in accs:
             local = acc.nodes()
-            mine, own = [(n.lo, n.hi) for n in local], self.batch_range(num_batches)
-            if mine != dyadic_nodes(own.start, own.stop):
-                raise RuntimeError(f"rank {self.rank}: partial sums {mine} do not match its batches")
+            mine, own = [(n.lo, n.hi) for n in local], self.sample_range(num_samples)
+            if mine != part_spans(own.start, own.stop, acc.chunk):
+                raise RuntimeError(f"rank {self.rank}: partial sums {mine} do not match its samples")
             count = self._all_sum_int(acc.num_tokens)
             nodes: list[Node] = []
             for r in range(self.world):
-                rr = self.batch_range(num_batches, r)
-                for k, (lo, hi) in enumerate(dyadic_nodes(rr.start, rr.stop)):
+                rr = self.sample_range(num_samples, r)
+                for k, (lo, hi) in enumerate(part_spans(rr.start, rr.stop, acc.chunk)):
                     if r == self.rank:
                         node = local[k]
                     else:
@@ -159,7 +177,7 @@ class TorchComm(Comm):
                         if t is not None:
                             self._bcast(t, r)
                     nodes.append(node)
-            out.append(combine(nodes, count))
+            out.append(combine(nodes, count, acc.chunk))
         return out
 
     def share_solution(
@@ -182,11 +200,12 @@ class TorchComm(Comm):
             view.write(keep)
         return keep, report
 
-    def sum_per_batch(self, values: list[list[float]], first_batch: int, num_batches: int) -> list[float]:
+    def sum_per_sample(self, values: list[list[float]], num_samples: int) -> list[float]:
         width = self._all_sum_int(len(values[0]) if values else 0, self.dist.ReduceOp.MAX)
-        full = torch.zeros(num_batches, width, dtype=torch.float64)
+        full = torch.zeros(num_samples, width, dtype=torch.float64)
+        own = self.sample_range(num_samples)
         if values:
-            full[first_batch : first_batch + len(values)] = torch.tensor(values, dtype=torch.float64)
+            full[own.start : own.start + len(values)] = torch.tensor(values, dtype=torch.float64)
         full = full.to(self.device)
         # every entry has exactly one nonzero contributor, so this sum is exact in any order
         self.dist.all_reduce(full)

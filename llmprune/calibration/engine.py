@@ -13,9 +13,9 @@ Scale (all off by default; the default path is the plain in-memory loop):
 * ``BlockSource`` decides where a block's weights live between turns: in memory (default) or streamed
   from safetensors shards (``streaming.py``), so a model larger than memory can be pruned;
 * ``max_memory`` spills the calibration activations to disk (``capture.DiskList``) above a budget;
-* ``comm`` shares the calibration batches and the solves between processes (``distributed.py``); the
-  statistics' summation order is fixed by the data (``stats.py``), so masks and weights are
-  bit-identical to one process;
+* ``comm`` shares the calibration samples and the solves between processes (``distributed.py``); the
+  statistics are summed per sample in an order fixed by the data (``stats.py``), so masks and weights
+  are bit-identical to one process, for any number of processes;
 * ``checkpoint_dir`` / ``resume`` record every finished block (``resume.py``) and continue after a kill,
   again bit-identically. Solvers draw randomness from a seed derived from ``seed`` and the module
   name, so neither the rank that solves a Linear nor a restart changes its result.
@@ -51,6 +51,7 @@ from llmprune.calibration.modules import WeightView, find_blocks, prunable_linea
 from llmprune.calibration.resume import Progress, run_fingerprint
 from llmprune.calibration.stats import StatsAccumulator
 from llmprune.errors import ConfigError
+from llmprune.preflight import check_world
 from llmprune.registry import SolverInfo, get_solver
 from llmprune.result import BlockReport, ModuleReport, PruneResult
 from llmprune.solvers import fallbacks
@@ -160,6 +161,17 @@ def execution_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: Bl
     return groups
 
 
+def _per_sample(x: Tensor, batch: Tensor) -> Tensor | None:
+    """A Linear's input as (samples, rows, in), when its rows can be told apart per sample: (B, L, …, in)
+    as blocks give it, or (B·L, in) flattened sample-major (e.g. a router); None otherwise."""
+    b, length = batch.shape[0], batch.shape[1] if batch.dim() > 2 else 1
+    if x.dim() >= 3 and x.shape[0] == b:
+        return x.reshape(b, -1, x.shape[-1])
+    if x.dim() == 2 and x.shape[0] == b * length:
+        return x.reshape(b, length, x.shape[-1])
+    return None
+
+
 @torch.no_grad()
 def _calibrate(
     block: nn.Module,
@@ -171,7 +183,9 @@ def _calibrate(
 ) -> dict[str, StatsAccumulator]:
     """One pass over the calibration batches, accumulating statistics of the given modules' inputs.
 
-    Block outputs go to ``outputs`` when given (the dense block's outputs, for the block error).
+    Statistics are added per sample, by its global index, whatever batch it came in (``stats.py``):
+    that is what makes them independent of the batch size and of the number of processes. Block
+    outputs go to ``outputs`` when given (the dense block's outputs, for the block error).
     """
     device = next(block.parameters()).device
     accs: dict[str, StatsAccumulator] = {}
@@ -179,13 +193,14 @@ def _calibrate(
     try:
         calls = zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
         for j, (hidden, args, kwargs) in enumerate(calls):
-            batch = inputs.first_batch + j  # global index: fixes the statistics' summation order
+            first = inputs.starts[j]  # global index of the batch's first sample
             try:
                 out = call_block(block, hidden, args, kwargs)
                 if outputs is not None:
                     outputs.append(out)
             except _StopForward:
                 pass
+            seen: dict[str, list[Tensor]] = {}  # leader -> its inputs, one per call
             leaders: dict[int, str] = {}
             for name, x in rec.take():
                 leader = leaders.setdefault(id(x), name)
@@ -194,10 +209,36 @@ def _calibrate(
                         accs[leader] if leader != name else StatsAccumulator(x.shape[-1], needs, device)
                     )
                 if leader == name:
-                    accs[name].add(x, batch)
+                    seen.setdefault(name, []).append(x)
+            for name, xs in seen.items():
+                _add_per_sample(accs[name], name, xs, hidden, first)
     finally:
         rec.remove()
     return accs
+
+
+def _add_per_sample(acc: StatsAccumulator, name: str, xs: list[Tensor], hidden: Tensor, first: int) -> None:
+    """Add one batch's inputs of a Linear (one tensor per call) sample by sample, each sample's calls in
+    order. Inputs whose rows cannot be told apart per sample (tokens routed to an MoE expert) go whole to
+    the batch's first sample: still deterministic, but then the bits follow how samples were batched."""
+    split = [_per_sample(x, hidden) for x in xs]
+    if any(s is None for s in split):
+        if not acc.per_batch:
+            acc.per_batch = True
+            log.warning(
+                "%s: its inputs are not laid out per sample %s; its statistics are summed per batch, so "
+                "they may differ in the last bits with another batch size or number of processes",
+                name,
+                tuple(xs[0].shape),
+            )
+        for x in xs:
+            acc.add(x, first)
+        for i in range(1, hidden.shape[0]):
+            acc.add(xs[0][:0], first + i)  # an empty term: keeps the samples' order, adds exact zeros
+        return
+    for i in range(hidden.shape[0]):
+        for s in split:
+            acc.add(s[i], first + i)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -293,14 +334,14 @@ def _specs(model_blocks, prefix: str, cfg: EngineConfig) -> dict[str, SparsitySp
     return specs
 
 
-def _reduced(accs: dict[str, StatsAccumulator], comm: Comm, num_batches: int) -> dict[str, LayerStats]:
+def _reduced(accs: dict[str, StatsAccumulator], comm: Comm, num_samples: int) -> dict[str, LayerStats]:
     """Each module's statistics over all batches (and ranks); modules sharing an accumulator share them."""
     unique = list({id(a): a for a in accs.values()}.values())  # q/k/v share one accumulator
-    reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_batches), strict=True))
+    reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_samples), strict=True))
     return {name: reduced[id(acc)] for name, acc in accs.items()}
 
 
-def _allocate(blocks, prefix, inputs, specs, cfg, comm, num_batches, source, device, spill, result) -> None:
+def _allocate(blocks, prefix, inputs, specs, cfg, comm, num_samples, source, device, spill, result) -> None:
     """Replace the default spec of every module by its share of a non-uniform allocation (in place)."""
     default = cfg.selection.default
     modules = {
@@ -317,7 +358,7 @@ def _allocate(blocks, prefix, inputs, specs, cfg, comm, num_batches, source, dev
 
     def collect(block, group, block_inputs, needs, outputs):
         accs = _calibrate(block, group, block_inputs, needs, None, outputs)
-        return _reduced(accs, comm, num_batches)
+        return _reduced(accs, comm, num_samples)
 
     sparsity, record = allocate_sparsity(
         blocks,
@@ -344,12 +385,12 @@ def _solve_group(
     specs: dict[str, SparsitySpec],
     cfg: EngineConfig,
     comm: Comm,
-    num_batches: int,
+    num_samples: int,
     result: PruneResult,
     source: BlockSource,
 ) -> None:
     """Reduce the group's statistics over all batches, solve each Linear on its owner rank, share."""
-    reduced = _reduced(accs, comm, num_batches)
+    reduced = _reduced(accs, comm, num_samples)
     device = next(iter(modules.values())).weight.device
     owners = comm.owners([_solve_cost(modules[n], cfg.solver.needs) for n in group])
     for name, owner in zip(group, owners, strict=True):
@@ -364,6 +405,8 @@ def _solve_group(
                 ).empty_stats()
             reached = name in accs and stats.num_tokens > 0
             report, keep, updated = _solve_module(name, modules[name], stats, specs[name], cfg, reached)
+            if name in accs and accs[name].per_batch:
+                report.fallbacks.append("statistics_per_batch")
         keep, report = comm.share_solution(owner, modules[name], keep, report, updated)
         result.modules[name] = report
         result.keep_masks[name] = keep
@@ -396,26 +439,22 @@ def prune_blocks(
     move_outside_blocks(model, prefix, device)
     specs = _specs(blocks, prefix, cfg)
     needs = cfg.solver.needs
-    num_batches = -(-input_ids.shape[0] // cfg.batch_size)
-    if num_batches < comm.world:
-        raise ConfigError(
-            f"{num_batches} calibration batches cannot be shared by {comm.world} processes: lower "
-            "batch_size or use fewer processes."
-        )
-    local = comm.batch_range(num_batches)
+    num_samples = int(input_ids.shape[0])
+    check_world(num_samples, comm.world)  # before any forward: every process needs a sample
+    local = comm.sample_range(num_samples)
     if checkpoint is None and cfg.checkpoint_dir is not None:
         fingerprint = run_fingerprint(cfg, model, input_ids, len(blocks), device)
         checkpoint = Progress.open(cfg.checkpoint_dir, comm, fingerprint, resume=cfg.resume)
     start = checkpoint.next_block if checkpoint is not None else 0
-    spill = spills(cfg.max_memory, model, input_ids, cfg.batch_size, local)
+    spill = spills(cfg.max_memory, model, input_ids, local)
     inputs = None
     if start < len(blocks):
         hidden = activation_list(spill, cfg.offload_dir)
         inputs = capture_block_inputs(
-            model, blocks[0], input_ids, cfg.batch_size, batches=local, hidden=hidden, device=device
+            model, blocks[0], input_ids, cfg.batch_size, samples=local, hidden=hidden, device=device
         )
         if cfg.allocation != "uniform":  # before restore: the statistics are the dense model's
-            _allocate(blocks, prefix, inputs, specs, cfg, comm, num_batches, source, device, spill, result)
+            _allocate(blocks, prefix, inputs, specs, cfg, comm, num_samples, source, device, spill, result)
     if start > 0:
         checkpoint.restore(lambda j: f"{prefix}.{j}", blocks, inputs, result, in_memory=not source.streaming)
     bar = tqdm(
@@ -447,22 +486,21 @@ def prune_blocks(
                     stop_after=None if g == 0 else group[-1],
                     outputs=dense_out if g == 0 else None,
                 )
-                _solve_group(group, group_modules, accs, specs, cfg, comm, num_batches, result, source)
+                _solve_group(group, group_modules, accs, specs, cfg, comm, num_samples, result, source)
                 del accs
         bar.set_postfix_str(f"{label} propagating")
-        errors: list[list[float]] = []
+        errors: list[list[float]] = []  # per sample: squared output error, squared dense output (fp64)
         for b in range(len(inputs)):
             out = call_block(block, inputs.hidden[b], inputs.args[b], inputs.kwargs[b])
             if dense_out is not None:
                 dense = dense_out[b]
-                errors.append(
-                    [float((out.float() - dense.float()).pow(2).sum()), float(dense.float().pow(2).sum())]
-                )
+                for o, d in zip(out.double().unbind(0), dense.double().unbind(0), strict=True):
+                    errors.append([float((o - d).pow(2).sum()), float(d.pow(2).sum())])
             inputs.hidden[b] = out
         if isinstance(dense_out, DiskList):
             dense_out.close()
         del dense_out
-        num, den = comm.sum_per_batch(errors, local.start, num_batches) if modules else (0.0, 0.0)
+        num, den = comm.sum_per_sample(errors, num_samples) if modules else (0.0, 0.0)
         seconds = time.perf_counter() - t0
         result.blocks.append(BlockReport(i, f"{prefix}.{i}", seconds, num / den if den else 0.0))
         if checkpoint is not None:

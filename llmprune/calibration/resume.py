@@ -6,15 +6,17 @@ One folder per run::
     block-00003.safetensors           block 3 after pruning, every tensor under its model name
     block-00003.masks.safetensors     its keep-masks (8 per byte)
     block-00003.json                  its module and block reports
-    hidden-00004/b000012.pt           block 4's inputs (pruned block 3's outputs), one file per batch
+    hidden-00004/s000016.pt           block 4's inputs (pruned block 3's outputs), one file per batch,
+                                      named by its first sample
     rng-00004.pt                      torch RNG states at that point
 
 Why this shape: every file of block ``i`` is complete (written to a temporary name, fsynced, renamed)
 before ``state.json`` says ``next_block = i + 1``, so a kill at any instant leaves either the old state
 (block ``i``'s files are ignored and rewritten) or the new one. Only the latest block boundary's hidden
 states are kept. Whole blocks rather than masks: SparseGPT also changes the kept weights, and in
-streaming mode a block file *is* the output shard, so nothing is written twice. The activations of
-batch ``b`` are named by its global index, so a resumed run may use a different number of processes.
+streaming mode a block file *is* the output shard, so nothing is written twice. The activations of a
+batch are named by the global index of its first sample and re-cut on reading, so a resumed run may
+use a different number of processes (whose shares cut the batches elsewhere).
 
 A settings fingerprint (method, options, selection, batch size, seed, calibration tokens, model config
 and embeddings, dtype, device type, llmprune version) refuses a resume that would mix two runs. The
@@ -23,6 +25,7 @@ number of processes is not in it: results do not depend on it.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -237,7 +240,7 @@ class Progress:
             folder = self._hidden_dir(nxt)
             folder.mkdir(parents=True, exist_ok=True)
             for k in range(len(inputs)):
-                target = folder / f"b{inputs.first_batch + k:06d}.pt"
+                target = folder / f"s{inputs.starts[k]:06d}.pt"
                 if isinstance(inputs.hidden, DiskList):  # already a file: link it, no copy
                     tmp = temp_path(target)
                     link_or_copy(inputs.hidden.path(k), tmp)
@@ -307,11 +310,10 @@ class Progress:
             if unexpected:
                 raise ModelLoadError(f"checkpoint block {j} has tensors the model lacks: {unexpected[:3]}")
         if inputs is not None and self.next_block < len(blocks):
-            folder = self._hidden_dir(self.next_block)
+            saved = _SavedHidden(self._hidden_dir(self.next_block))
             for k in range(len(inputs)):
-                device = inputs.hidden[k].device
-                saved = torch.load(folder / f"b{inputs.first_batch + k:06d}.pt", weights_only=True)
-                inputs.hidden[k] = saved.to(device)
+                hidden = inputs.hidden[k]
+                inputs.hidden[k] = saved.samples(inputs.starts[k], hidden.shape[0]).to(hidden.device)
         rng_path = self.folder / f"rng-{self.next_block:05d}.pt"
         if rng_path.is_file():
             rng = torch.load(rng_path, weights_only=True)
@@ -324,6 +326,37 @@ class Progress:
         self.comm.barrier()
         if self.comm.is_main:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _SavedHidden:
+    """A block boundary's saved activations, read back by sample range: the run that wrote them may
+    have cut its batches at other places (another number of processes)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.starts = sorted(int(p.stem[1:]) for p in folder.glob("s*.pt"))
+        self._cache: dict[int, Tensor] = {}
+
+    def _file(self, start: int) -> Tensor:
+        if start not in self._cache:
+            self._cache = {start: torch.load(self.folder / f"s{start:06d}.pt", weights_only=True)}
+        return self._cache[start]
+
+    def samples(self, first: int, count: int) -> Tensor:
+        """Samples ``[first, first + count)`` as one (count, L, d) tensor."""
+        parts, at = [], first
+        while at < first + count:
+            i = bisect.bisect_right(self.starts, at) - 1
+            if i < 0:
+                raise ModelLoadError(f"checkpoint {self.folder} lacks sample {at}: remove it to start over.")
+            saved = self._file(self.starts[i])
+            offset = at - self.starts[i]
+            if offset >= saved.shape[0]:
+                raise ModelLoadError(f"checkpoint {self.folder} lacks sample {at}: remove it to start over.")
+            take = saved[offset : offset + first + count - at]
+            parts.append(take)
+            at += take.shape[0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def discard_progress(folder: str | os.PathLike | None, comm: Comm | None = None) -> None:

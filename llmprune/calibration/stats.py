@@ -1,19 +1,29 @@
 """Sums of a Linear's input statistics (mean x_j^2, mean x x^T) that do not depend on who adds them.
 
-Floating-point addition is not associative: a running sum over the calibration batches gives
-different bits when the batches are split across processes, or when a run is resumed half-way. So
-the order of every addition is fixed by the data alone. Calibration batch ``b`` (its global index,
-``0 <= b < B``) is a leaf; leaves are added along one fixed binary tree over ``[0, B)``: node
-``[lo, hi) = [lo, mid) + [mid, hi)`` with ``mid = lo +`` the largest power of two below ``hi - lo``.
-Every complete node is a *dyadic* interval ``[k 2^j, (k+1) 2^j)``, so a process holding any contiguous
-share of the batches sums the nodes inside its share on its own (a binary counter), hands those partial
-sums on, and :func:`combine` finishes the same tree everywhere. One process, two processes or a resumed
-run therefore produce bit-identical statistics, with no float64 and no assumption about rounding.
+Floating-point addition is not associative: a running sum over the calibration data gives different
+bits when the samples are split across processes, batched differently, or when a run is resumed
+half-way. So the order of every addition is fixed by the data alone, per calibration *sample* (the
+*unit*; its global index ``0 <= u < N``), never per batch:
 
-The sums stay fp32 (as the statistics always were): pairwise summation keeps the rounding error at
-O(log B) additions instead of O(B) for a running mean. The price is memory: a process holds at most
-``floor(log2 B) + 1`` partial sums per statistic (5 for the default 16 batches), which for Hessians of
-very wide Linears is worth knowing.
+* a unit's term is the sum of its rows, ``x^T x`` over its tokens (one matmul per sample, the same
+  shape whatever batch the sample came in; a Linear run twice in one forward adds both calls);
+* units are folded left to right within fixed *chunks* of ``CHUNK`` consecutive units
+  (``[kC, (k+1)C)``): ``((t_kC + t_kC+1) + t_kC+2) + …``. One open fold per accumulator, so the extra
+  memory of summing per sample instead of per batch is one buffer;
+* chunks are added along one fixed binary tree over ``[0, K)``: node ``[lo, hi) = [lo, mid) + [mid, hi)``
+  with ``mid = lo +`` the largest power of two below ``hi - lo``. Every complete node is a *dyadic*
+  interval, so a process holding a contiguous run of whole chunks sums the nodes inside it on its own
+  (a binary counter) and :func:`combine` finishes the same tree everywhere.
+
+``CHUNK`` is a constant, not the batch size or anything derived from the number of processes: that is
+what makes 1, 2 or 3 processes, any batch size, and a resumed run give bit-identical statistics, in
+fp32, with no assumption about rounding. Processes are given whole chunks when there are at least as
+many chunks as processes; with fewer, a process's share may start inside a chunk, and it keeps those
+units' terms apart (``loose``, at most ``CHUNK - 1``) for the owner of the chunk's start to fold in.
+
+Memory: per statistic, the open fold, the unit being added, and at most ``floor(log2 K) + 1`` finished
+nodes (3 for the CPU default of 32 samples, 5 for 128 on a GPU): one buffer more than summing per
+batch of 8 did.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ import torch
 from torch import Tensor
 
 from llmprune.solvers.types import HESSIAN, SQ_NORMS, LayerStats
+
+#: units (calibration samples) per chunk, the leaves of the fixed tree. A constant on purpose: the bits
+#: of the statistics depend on it, so it must not follow the batch size or the number of processes.
+CHUNK = 8
 
 
 def tree_split(lo: int, hi: int) -> int:
@@ -43,9 +57,24 @@ def dyadic_nodes(lo: int, hi: int) -> list[tuple[int, int]]:
     return nodes
 
 
+def part_spans(lo: int, hi: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """The unit spans of the partial sums an accumulator fed units ``[lo, hi)`` hands on, in its order:
+    loose units before the first chunk start, whole-chunk tree nodes, then the open fold of the last
+    chunk if the range ends inside it. Every process can so tell the shapes of every other's share."""
+    first = -(-lo // chunk) * chunk  # first chunk start at or after lo
+    spans = [(u, u + 1) for u in range(lo, min(hi, first))]
+    if first >= hi:
+        return spans
+    last = hi // chunk * chunk  # last chunk start at or before hi
+    spans += [(a * chunk, b * chunk) for a, b in dyadic_nodes(first // chunk, last // chunk)]
+    if last < hi:
+        spans.append((last, hi))
+    return spans
+
+
 @dataclass
 class Node:
-    """Sums (not means) of one tree node's leaves."""
+    """Sums (not means) over units ``[lo, hi)``."""
 
     lo: int
     hi: int
@@ -64,43 +93,79 @@ class Node:
 class StatsAccumulator:
     """Accumulates only what the solver declared: per-channel sums of x_j^2 and/or of x x^T.
 
-    ``add(x, batch)`` takes one batch's inputs (any leading shape, last dim = in_features); calls for
-    the same ``batch`` (a Linear run twice in one forward) go into the same leaf. Batches must come in
-    increasing order. ``batch=None`` means "the next one", which keeps the single-process use simple.
+    ``add(x, unit)`` takes one unit's inputs (any leading shape, last dim = in_features): the engine
+    gives one calibration sample per call, so the sums do not depend on how samples were batched.
+    Calls for the same ``unit`` (a Linear run twice in one forward) add to the same term. Units must
+    come in increasing, contiguous order. ``unit=None`` means "the next one", which keeps simple
+    single-process uses (one unit per batch) simple.
     """
 
-    def __init__(self, in_features: int, needs: frozenset[str], device: torch.device) -> None:
+    def __init__(
+        self, in_features: int, needs: frozenset[str], device: torch.device, chunk: int = CHUNK
+    ) -> None:
         self.in_features = in_features
         self.needs = frozenset(needs)
         self.device = device
+        self.chunk = chunk
         self.num_tokens = 0
-        self._stack: list[Node] = []  # complete dyadic nodes, left to right, then the open leaf
-        self._open: int | None = None  # batch index of the leaf still receiving inputs
+        self.per_batch = False  # set by the engine when inputs could not be split per sample
+        self._done: list[Node] = []  # loose units, then whole-chunk tree nodes, left to right
+        self._fold: Node | None = None  # the chunk being folded, units [chunk start, hi)
+        self._term: Node | None = None  # the unit still receiving inputs
+
+    def _product(self, x: Tensor, unit: int) -> Node:
+        sq = x.pow(2).sum(0) if SQ_NORMS in self.needs else None  # (in,)
+        hess = x.t() @ x if HESSIAN in self.needs else None  # (in, in)
+        return Node(unit, unit + 1, sq, hess)
 
     @torch.no_grad()
-    def add(self, x: Tensor, batch: int | None = None) -> None:
+    def add(self, x: Tensor, unit: int | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
-        if batch is None:
-            batch = 0 if self._open is None else self._open + 1
-        if batch == self._open:  # the same batch again: extend its leaf
-            leaf = self._stack[-1]
-            if leaf.sq_norms is not None:
-                leaf.sq_norms.add_(x.pow(2).sum(0))
-            if leaf.hessian is not None:
-                leaf.hessian.addmm_(x.t(), x)
+        open_unit = self._term.lo if self._term is not None else None
+        if unit is None:
+            unit = self._next_unit() or 0
+        if unit == open_unit:  # the same unit again: extend its term
+            term = self._term
+            if term.sq_norms is not None:
+                term.sq_norms.add_(x.pow(2).sum(0))
+            if term.hessian is not None:
+                term.hessian.addmm_(x.t(), x)
         else:
-            if self._open is not None and batch < self._open:
-                raise ValueError(f"batches must arrive in increasing order: got {batch} after {self._open}")
-            self._close()
-            sq = x.pow(2).sum(0) if SQ_NORMS in self.needs else None  # (in,)
-            hess = x.t() @ x if HESSIAN in self.needs else None  # (in, in)
-            self._stack.append(Node(batch, batch + 1, sq, hess))
-            self._open = batch
+            expected = self._next_unit()
+            if expected is not None and unit != expected:
+                raise ValueError(
+                    f"units must arrive in order, one after another: got {unit}, expected {expected}"
+                )
+            self._flush()  # fold the finished unit before making the next one's product: one buffer less
+            self._term = self._product(x, unit)
         self.num_tokens += x.shape[0]
 
-    def _close(self) -> None:
-        """Merge the finished leaf into its complete ancestors (binary counter over dyadic nodes)."""
-        stack = self._stack
+    def _next_unit(self) -> int | None:
+        if self._term is not None:
+            return self._term.hi
+        if self._fold is not None:
+            return self._fold.hi
+        return self._done[-1].hi if self._done else None
+
+    def _flush(self) -> None:
+        """Fold the finished unit into its chunk; a finished chunk joins the tree (binary counter)."""
+        term, self._term = self._term, None
+        if term is None:
+            return
+        if self._fold is not None:
+            self._fold = self._fold.add_(term)
+        elif term.lo % self.chunk == 0:
+            self._fold = term
+        else:  # the share began inside this chunk: its start is folded by another process
+            self._done.append(term)
+            return
+        if self._fold.hi - self._fold.lo == self.chunk:
+            self._done.append(self._fold)
+            self._fold = None
+            self._merge()
+
+    def _merge(self) -> None:
+        stack = self._done
         while len(stack) >= 2:
             left, right = stack[-2], stack[-1]
             size = right.hi - right.lo
@@ -109,10 +174,11 @@ class StatsAccumulator:
             stack[-2:] = [left.add_(right)]
 
     def nodes(self) -> list[Node]:
-        """This process's partial sums: the maximal tree nodes inside the batches it saw."""
-        self._close()
-        self._open = None
-        return list(self._stack)
+        """This process's partial sums (spans as :func:`part_spans` says): ends the accumulation."""
+        self._flush()
+        nodes = self._done + ([self._fold] if self._fold is not None else [])
+        self._done, self._fold = [], None
+        return nodes
 
     def empty_stats(self) -> LayerStats:
         """Zero statistics, for a Linear that no calibration token reached."""
@@ -129,29 +195,49 @@ class StatsAccumulator:
         nodes = self.nodes()
         if not nodes:
             return self.empty_stats()
-        return combine(nodes, self.num_tokens)
+        return combine(nodes, self.num_tokens, self.chunk)
 
 
-def combine(nodes: list[Node], num_tokens: int) -> LayerStats:
-    """Finish the fixed tree over ``[0, B)`` from partial sums covering it, and divide by the token count.
+def combine(nodes: list[Node], num_tokens: int, chunk: int = CHUNK) -> LayerStats:
+    """Finish the fixed tree over all units from partial sums covering them, and divide by the token count.
 
-    The buffers of ``nodes`` are reused (summed into in place): do not use them afterwards.
+    ``nodes`` are every process's partial sums in process order. Their buffers are reused (summed
+    into in place): do not use them afterwards.
     """
-    by_span = {(n.lo, n.hi): n for n in nodes}
-    num_batches = max(n.hi for n in nodes)
+    num_units = max(n.hi for n in nodes)
+    by_chunk: dict[tuple[int, int], Node] = {}  # tree nodes over chunk indices
+    folds: dict[int, Node] = {}  # chunk -> its fold from the chunk start (the whole chunk or a prefix)
+    loose: dict[int, Node] = {}
+    for n in nodes:
+        if n.lo % chunk:
+            loose[n.lo] = n
+        elif (n.hi - n.lo) % chunk == 0:
+            by_chunk[(n.lo // chunk, n.hi // chunk)] = n
+        else:
+            folds[n.lo // chunk] = n
+
+    def missing(unit: int) -> ValueError:
+        return ValueError(
+            f"no statistics for calibration unit {unit}: partial sums do not cover [0, {num_units})"
+        )
+
+    for k, fold in folds.items():  # complete the chunks a process boundary cut: loose units, in order
+        for u in range(fold.hi, min((k + 1) * chunk, num_units)):
+            if u not in loose:
+                raise missing(u)
+            fold = fold.add_(loose[u])
+        by_chunk[(k, k + 1)] = fold
 
     def total(lo: int, hi: int) -> Node:
-        node = by_span.get((lo, hi))
+        node = by_chunk.get((lo, hi))
         if node is not None:
             return node
         if hi - lo < 2:
-            raise ValueError(
-                f"no statistics for calibration batch {lo}: partial sums do not cover [0, {num_batches})"
-            )
+            raise missing(lo * chunk)
         mid = tree_split(lo, hi)
         return total(lo, mid).add_(total(mid, hi))
 
-    root = total(0, num_batches)
+    root = total(0, -(-num_units // chunk))
     count = max(num_tokens, 1)
     return LayerStats(
         num_tokens=num_tokens,

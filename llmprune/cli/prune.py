@@ -116,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_streaming(args, recipe)
     checkpoint_dir = resolve_checkpoint_dir(args.checkpoint_dir, recipe.output_dir, args.resume)
     comm = current_comm()  # before loading: under torchrun this picks each rank's GPU
+    _check_world(recipe, comm.world)  # before loading and before rank 0 scores the dense model
     model, tok = llmprune.load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device)
     after_loading(model, recipe.selection())  # a selection that matches nothing fails before any scoring
-    _check_world(model, recipe, comm.world)  # before rank 0 scores the dense model
     if comm.is_main:
         _announce(model, tok, recipe, args.skip_eval)
     if recipe.output_dir:  # e.g. GGUF of an architecture llama.cpp lacks: refuse before pruning
@@ -234,15 +234,16 @@ def _run_streaming(args: argparse.Namespace, recipe) -> int:
     return 0
 
 
-def _check_world(model, recipe, world: int) -> None:
-    from llmprune.calibration.settings import calibration_size
+def _check_world(recipe, world: int) -> None:
+    """More processes than calibration windows is the one split refused (the engine checks it again)."""
+    from llmprune.calibration.settings import default_num_samples
+    from llmprune.io.models import resolve_device
     from llmprune.preflight import check_world
     from llmprune.registry import get_solver
 
     if world > 1 and (get_solver(recipe.prune.method).needs or recipe.prune.true_sequential):
-        c = recipe.calibration
-        count, _ = calibration_size(model, c.dataset, c.num_calibration_samples, c.max_seq_length)
-        check_world(count, recipe.prune.batch_size, world)
+        count = recipe.calibration.num_calibration_samples
+        check_world(count or default_num_samples(resolve_device(recipe.model.device)), world)
 
 
 def _announce(model, tok, recipe, skip_eval: bool) -> None:

@@ -19,6 +19,8 @@ MEANINGS = {
     "kept_original_weights": "the solver's updated weights were not finite: the original weights were kept "
     "under its mask",
     "no_calibration_tokens": "no calibration token reached this Linear: it was pruned by weight magnitude",
+    "statistics_per_batch": "its inputs were not laid out per sample (e.g. tokens routed to an expert): its "
+    "statistics were summed per batch, so their last bits depend on the batch size and number of processes",
 }
 _notes: ContextVar[list[str] | None] = ContextVar("llmprune_fallbacks", default=None)
 
