@@ -335,7 +335,7 @@ def _specs(model_blocks, prefix: str, cfg: EngineConfig) -> dict[str, SparsitySp
 
 
 def _reduced(accs: dict[str, StatsAccumulator], comm: Comm, num_samples: int) -> dict[str, LayerStats]:
-    """Each module's statistics over all batches (and ranks); modules sharing an accumulator share them."""
+    """Each module's statistics over all samples (and ranks); modules sharing an accumulator share them."""
     unique = list({id(a): a for a in accs.values()}.values())  # q/k/v share one accumulator
     reduced = dict(zip(map(id, unique), comm.reduce_stats(unique, num_samples), strict=True))
     return {name: reduced[id(acc)] for name, acc in accs.items()}

@@ -114,8 +114,9 @@ def calibration_ids(
     comm: Comm,
 ) -> Tensor:
     """The calibration tokens ``(N, L)``: read on rank 0 and sent to the others (every rank then
-    calibrates the same batches). ``model`` gives the position limit and, for ``dataset='self'``, the text.
-    ``None`` sizes come from the model, the device and a token tensor's own shape (``calibration_size``).
+    holds them all and calibrates its share). ``model`` gives the position limit and, for
+    ``dataset='self'``, the text. ``None`` sizes come from the model, the device and a token tensor's
+    own shape (``calibration_size``).
     """
     num_samples, max_seq_length = calibration_size(model, dataset, num_samples, max_seq_length)
     if not comm.is_main:
