@@ -57,7 +57,9 @@ def prune_job(a: argparse.Namespace, method: str, sparsity: str) -> None:
     _, ev = load_data(a.data)
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in result.keep_masks}
     ppl = window_perplexity(model, ev)
+    ppl_valid = window_perplexity(model, load_data(a.data, "valid")[1])
     blob = {"weights": weights, "keep": result.keep_masks, "ppl": ppl, "prune_s": prune_s}
+    blob["ppl_valid"] = ppl_valid
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
     tmp.replace(path)

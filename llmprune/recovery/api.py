@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.preflight import check_teacher, check_typed
-from llmprune.recovery import masking
+from llmprune.recovery import blockwise, masking
 from llmprune.recovery.heap import reuse_freed_memory
 from llmprune.recovery.lift import LiftOptions, LiftSession
 from llmprune.recovery.losses import retraining_loss
@@ -93,7 +93,7 @@ def recover(
     input_ids: Tensor,
     method: str = "perp",
     keep_masks: dict[str, Tensor] | None = None,
-    steps: int = 100,
+    steps: int | None = None,
     max_seconds: float | None = None,
     lr: float | None = None,
     batch_size: int = 4,
@@ -113,7 +113,10 @@ def recover(
 
     ``input_ids`` are ``(N, L)`` training windows (``calibration_tokens``). ``keep_masks`` (``{name: (out, in)
     bool}``, True = kept) default to the exact zeros of the block Linears. ``mode="reconstruct"`` needs
-    ``dense_model`` (a dense copy; see :mod:`llmprune.recovery.reconstruct`). ``distill`` in [0, 1] mixes
+    ``dense_model`` (a dense copy; see :mod:`llmprune.recovery.reconstruct`) and trains block by block
+    towards the dense blocks' attention and MLP outputs: there ``steps`` counts per block (default
+    ``blockwise.DEFAULT_STEPS``), ``max_seconds`` is shared by all blocks, and ``lr`` defaults to
+    ``blockwise.DEFAULT_LR``. ``steps`` defaults to 100 in retrain mode. ``distill`` in [0, 1] mixes
     knowledge distillation into retraining: loss = (1 − distill)·LM loss + distill·KL(dense ‖ pruned) over
     the next-token distributions, with ``dense_model`` as the teacher; ``None`` = 1 when a ``dense_model``
     is given, else 0 (distillation recovered more in every measured case: docs/benchmarks.md). The model
@@ -152,10 +155,14 @@ def recover(
         )
     if dense_model is not None:
         check_teacher(getattr(model, "config", None), getattr(dense_model, "config", None), "dense_model")
+    if mode == "reconstruct":
+        default_steps, default_lr = blockwise.DEFAULT_STEPS, blockwise.DEFAULT_LR[method]
+    else:
+        default_steps, default_lr = 100, DEFAULT_LR[method]
     settings = TrainSettings(
-        steps=steps,
+        steps=default_steps if steps is None else steps,
         max_seconds=max_seconds,
-        lr=DEFAULT_LR[method] if lr is None else lr,
+        lr=default_lr if lr is None else lr,
         batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
         warmup_ratio=warmup_ratio,
@@ -182,39 +189,49 @@ def recover(
     sparsity_before = masking.sparsity(targets)
     was_training = model.training
     model.eval()  # no dropout: short runs on few windows, and deterministic
-    session = session_cls(model, targets, method_opts)
-    with (
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-        reuse_freed_memory(device.type == "cpu"),
-    ):
-        torch.manual_seed(seed)
+    if mode == "reconstruct":  # one session per block (blockwise.py), none over the whole model
+        fields = {k: v for k, v in dataclasses.asdict(settings).items() if k in blockwise.TRAIN_KEYS}
+        reconstructor = blockwise.BlockReconstructor(
+            blockwise.BlockwiseOptions(method=method, method_options=options, **fields),
+            len(masking.decoder_blocks(model)),
+        )
         try:
-            session.attach()
-            trainable = session.trainable_count()
-            log.info(
-                "%s (%s): training %d of %d parameters (%.4f %%)",
-                method, mode, trainable, total_params, 100 * trainable / total_params,
+            loop, per_block = reconstruct(
+                model, dense_model, reconstructor, input_ids, settings.batch_size,
+                {name: keep for name, (_, keep) in targets.items()},
             )  # fmt: skip
+        finally:
+            model.train(was_training)
+        session, details = None, {"blocks": per_block}
+        trainable = sum(b["trainable"] for b in per_block)
+    else:
+        session = session_cls(model, targets, method_opts)
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            reuse_freed_memory(device.type == "cpu"),
+        ):
+            torch.manual_seed(seed)
+            try:
+                session.attach()
+                trainable = session.trainable_count()
+                log.info(
+                    "%s (%s): training %d of %d parameters (%.4f %%)",
+                    method, mode, trainable, total_params, 100 * trainable / total_params,
+                )  # fmt: skip
 
-            def on_step(step: int) -> None:
-                session.after_step(step)
-                if callback is not None:
-                    callback(step, model)
+                def on_step(step: int) -> None:
+                    session.after_step(step)
+                    if callback is not None:
+                        callback(step, model)
 
-            if mode == "retrain":
                 teacher = dense_model if distill > 0 else None
                 loop, details = _retrain(model, session, input_ids, settings, on_step, teacher, distill), {}
-            else:
-                loop, per_block = reconstruct(
-                    model, dense_model, session, input_ids, settings, on_step=on_step
-                )
-                details = {"blocks": per_block}
-        except BaseException:
-            session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
+            except BaseException:
+                session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
+                model.train(was_training)
+                raise
+            session.finish()
             model.train(was_training)
-            raise
-        session.finish()
-        model.train(was_training)
     masking.assert_preserved(targets)  # the merge itself must keep the zeros; this is a bug check
     masking.enforce(targets)  # canonical +0.0 at every pruned entry
     if isinstance(session, LiftSession):
