@@ -21,7 +21,8 @@ from llmprune.recovery.lift import LiftOptions, LiftSession
 from llmprune.recovery.losses import retraining_loss
 from llmprune.recovery.perp import PerpOptions, PerpSession
 from llmprune.recovery.reconstruct import reconstruct
-from llmprune.recovery.train import LoopResult, TrainSettings, run, window_batches
+from llmprune.recovery.teacher import TopKTargets, topk_targets
+from llmprune.recovery.train import LoopResult, TrainSettings, index_batches, run
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def recover(
     mode: str = "retrain",
     dense_model: nn.Module | None = None,
     distill: float | None = None,
+    teacher_top_k: int | None = None,
+    teacher_targets: TopKTargets | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
     **options: Any,
 ) -> RecoveryResult:
@@ -122,6 +125,10 @@ def recover(
     is given, else 0 (distillation recovered more in every measured case: docs/benchmarks.md). The model
     comes back as plain Linear weights (adapters merged), in its original train/eval mode. Dropout is off
     while training.
+    ``teacher_top_k=k`` distils from the dense model's top-k probabilities (the rest of the mass as one
+    bucket), computed once before training instead of a teacher forward per step; ``teacher_targets``
+    passes such targets computed earlier (:func:`llmprune.recovery.teacher.topk_targets` on the same
+    ``input_ids``, e.g. before pruning), so no dense copy needs to be in memory at all.
     ``callback(step, model)`` runs after every optimiser step.
 
     >>> result = recover(model, input_ids=calibration_tokens(None, tok, 64, 256), steps=200)  # doctest: +SKIP
@@ -144,11 +151,16 @@ def recover(
             "mode='reconstruct' needs dense_model=<a dense copy of the model> to take targets from."
         )
     if distill is None:
-        distill = 1.0 if dense_model is not None and mode == "retrain" else 0.0
+        has_teacher = dense_model is not None or teacher_targets is not None
+        distill = 1.0 if has_teacher and mode == "retrain" else 0.0
     problem = distill_problem(distill, mode)
     if problem:
         raise ConfigError(f"distill {problem}")
-    if distill > 0 and dense_model is None:
+    if teacher_targets is not None and not torch.equal(teacher_targets.input_ids, input_ids):
+        raise ConfigError(
+            "teacher_targets were computed on other windows than input_ids: pass the same windows."
+        )
+    if distill > 0 and dense_model is None and teacher_targets is None:
         raise ConfigError(
             f"distill={distill} needs dense_model=<the dense model before pruning> as the teacher "
             "(or distill=0)."
@@ -224,7 +236,9 @@ def recover(
                     if callback is not None:
                         callback(step, model)
 
-                teacher = dense_model if distill > 0 else None
+                teacher = (teacher_targets or dense_model) if distill > 0 else None
+                if teacher_top_k is not None and isinstance(teacher, nn.Module):
+                    teacher = topk_targets(teacher, input_ids, teacher_top_k, settings.batch_size)
                 loop, details = _retrain(model, session, input_ids, settings, on_step, teacher, distill), {}
             except BaseException:
                 session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
@@ -268,7 +282,7 @@ def _retrain(
     input_ids: Tensor,
     settings: TrainSettings,
     on_step,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | TopKTargets | None = None,
     distill: float = 0.0,
 ) -> LoopResult:
     """Causal-LM loss on the token windows, mixed with distillation from ``teacher`` when ``distill > 0``.
@@ -278,17 +292,20 @@ def _retrain(
     keeps short retraining on narrow text from drifting the model towards that text's style.
     """
     device = next(model.parameters()).device
-    batches = window_batches(input_ids, settings.batch_size, settings.seed)
-    if teacher is not None:
+    batches = index_batches(input_ids, settings.batch_size, settings.seed)
+    live = isinstance(teacher, nn.Module)
+    if live:
         teacher.eval()
         teacher_device = next(teacher.parameters()).device
 
-    def loss_fn(batch: Tensor) -> Tensor:
-        batch = batch.to(device)
+    def loss_fn(rows: Tensor) -> Tensor:
+        batch = input_ids[rows].to(device)
         target = None
-        if teacher is not None:
+        if live:
             with torch.no_grad():
                 target = teacher(input_ids=batch.to(teacher_device), use_cache=False).logits.to(device)
+        elif teacher is not None:
+            target = teacher.rows(rows)
         logits = model(input_ids=batch, use_cache=False).logits
         return retraining_loss(logits, batch, target, distill)
 
