@@ -22,7 +22,7 @@ Kinds:
   inside the pass, and the prune time is reported beside it.
 
 Every job runs in a fresh process (its peak RSS is its own, whole process, model load included) and
-writes one JSON under ``bench_out/recovery/``; ``report`` writes the ``recovery`` section of
+writes one JSON under ``bench_out/recovery/``; ``report`` writes the ``recovery-blockwise`` section of
 docs/benchmarks.md. Masks are checked: every pruned weight still exactly +0.0, no kept weight lost.
 """
 
@@ -248,7 +248,7 @@ def report(a: argparse.Namespace) -> None:
         lines += ["| pruned | recovery | at | test ppl | gap closed |", "|---|---|---|---|---|", *checkpoints]
     if len(sweep) > 2:
         lines += ["", "Choosing defaults (validation part decides; test shown for completeness):", "", *sweep]
-    write_section("recovery", "\n".join(lines))
+    write_section("recovery-blockwise", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -49,9 +49,10 @@ SESSIONS: dict[str, tuple[type, type]] = {
     "perp": (PerpOptions, PerpSession),
     "lift": (LiftOptions, LiftSession),
 }
-#: per method: optimiser steps per block and peak learning rate, chosen on the validation text
-#: (docs/benchmarks.md, "Block-wise reconstruction")
-DEFAULT_STEPS = 8
+#: optimiser steps per block when no budget is given: about what 5 minutes buy on SmolLM2 on this
+#: 2-core CPU (2-4 steps of 4 x 512 tokens per block); not tuned further. The peak learning rate per
+#: method: see docs/benchmarks.md, "Block-wise reconstruction" (chosen on the validation part).
+DEFAULT_STEPS = 4
 DEFAULT_LR = {"perp": 1e-3, "lift": 1e-3}
 #: the TrainSettings that apply per block (a step is one batch of the block's inputs)
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSettings)}
