@@ -240,9 +240,9 @@ def report(a: argparse.Namespace) -> None:
         f"{dense['valid']:.2f} on the validation part). Gap closed = (before − after) / (before − dense). "
         "Calibration and recovery data: 32 × 512 windows of the built-in calibration text. Budgets are "
         "recovery time only (fused: the recovery inside the pass). Peak RSS is the whole process's.",
-        "",
-        *table,
     ]
+    if len(table) > 2:
+        lines += ["", *table]
     if checkpoints:
         lines += ["", "End-to-end PERP, perplexity at checkpoints of one run:", ""]
         lines += ["| pruned | recovery | at | test ppl | gap closed |", "|---|---|---|---|---|", *checkpoints]
