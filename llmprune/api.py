@@ -24,13 +24,16 @@ from llmprune import preflight
 from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import current_comm
 from llmprune.calibration.engine import prune_blocks
+from llmprune.calibration.modules import find_blocks
 from llmprune.calibration.resume import Progress, discard_progress, run_fingerprint
 from llmprune.calibration.settings import calibration_ids, engine_config, is_model_path
 from llmprune.calibration.weights_only import prune_weights_only
+from llmprune.errors import ConfigError
 from llmprune.io.atomic import temp_path
 from llmprune.io.fingerprint import files_digest
 from llmprune.io.models import load_model, resolve_device, resolve_dtype
 from llmprune.io.save import check_output_dir, save_pruned, save_streamed
+from llmprune.recovery.blockwise import BlockReconstructor, BlockwiseOptions
 from llmprune.result import PruneResult
 from llmprune.structured.pipeline import prune_structured
 
@@ -67,6 +70,8 @@ def prune(
     recipe: dict | None = None,
     run_info: dict | None = None,
     structure: str = "unstructured",
+    recover: str | None = None,
+    recover_options: Mapping[str, Any] | None = None,
     **solver_args: Any,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, and report what was done.
@@ -103,6 +108,13 @@ def prune(
     >>> llmprune.prune("./llama-70b", method="sparsegpt", sparsity="2:4", streaming=True,
     ...                output_dir="./llama-70b-2of4", max_memory="16GB", resume=True)  # doctest: +SKIP
 
+    ``recover`` (``"perp"`` or ``"lift"``) fuses block-wise reconstruction into the pass: right after a
+    block is pruned, its recovery parameters are trained so that it reproduces the dense block's attention
+    and MLP outputs (recorded by the calibration forward), and the next block is fed the recovered
+    block's outputs. ``recover_options``: ``steps`` (per block), ``max_seconds`` (recovery time over all
+    blocks), ``lr``, ``seed``… and the method's options (``r``, ``rank``…); see
+    ``llmprune.recovery.blockwise``. Every pruned weight stays exactly zero.
+
     ``structure`` other than ``"unstructured"`` (``depth``, ``width``, ``heads``, ``auto``) removes
     ``sparsity`` of the decoder-block parameters as whole structures and returns a
     ``StructuredResult`` whose ``.model`` is the new, smaller model (see ``llmprune.structured``).
@@ -130,6 +142,7 @@ def prune(
         options=solver_args,
         allocation=allocation,
     )
+    fused = _fused_recovery(recover, recover_options, seed)  # checked before loading, like the rest
     preflight.before_loading(
         model,
         output_dir=output_dir,
@@ -141,6 +154,11 @@ def prune(
         max_seq_length=max_seq_length,
     )
     comm = current_comm()
+    if fused is not None and comm.world > 1:
+        raise ConfigError(
+            "recover= trains each block on all calibration batches, which torchrun splits between processes: "
+            "prune with torchrun, then run `llmprune recover` in one process (or drop recover)."
+        )
     source = folder = None
     if streaming:  # the model stays on disk: a skeleton in memory, its blocks read one at a time
         from llmprune.calibration.streaming import open_streamed
@@ -162,7 +180,10 @@ def prune(
     start = time.perf_counter()
     selection = cfg.selection
     preflight.after_loading(model, selection)
-    data_free = not cfg.solver.needs and not true_sequential  # e.g. magnitude: no forward pass at all
+    if fused is not None:
+        cfg.block_recovery = BlockReconstructor(fused, len(find_blocks(model)[1]))
+    # e.g. magnitude: no forward pass at all (unless block-wise recovery needs the dense outputs)
+    data_free = not cfg.solver.needs and not true_sequential and fused is None
     result = PruneResult(method=method, sparsity=str(selection.default), options=dict(solver_args), seed=seed)
     checkpoint = None  # where a streamed run records its pruned blocks
     try:
@@ -185,6 +206,8 @@ def prune(
             if streaming or not selection.default.is_dense or selection.overrides:
                 prune_blocks(model, input_ids, cfg, result, source=source, checkpoint=checkpoint)
         result.seconds = time.perf_counter() - start
+        if cfg.block_recovery is not None:
+            result.recovery = cfg.block_recovery.report()
         result.dense_weights = _unselected_weights(model, result)
         log.info(
             "%s %s: %.2f%% of the block Linears' weights zero (%d pruned) in %.1fs",
@@ -227,6 +250,17 @@ def prune(
             "progress kept in %s until the model is saved (discard_progress removes it)", cfg.checkpoint_dir
         )
     return result
+
+
+def _fused_recovery(
+    recover: str | None, options: Mapping[str, Any] | None, seed: int
+) -> BlockwiseOptions | None:
+    """``recover=``/``recover_options=`` of ``prune()``, validated (method, options, steps, lr…), or None."""
+    if recover is None:
+        if options:
+            raise ConfigError("recover_options is set but recover is not: add recover='perp' (or 'lift').")
+        return None
+    return BlockwiseOptions.from_kwargs(recover, options, seed)
 
 
 def _open_checkpoint(

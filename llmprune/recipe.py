@@ -245,7 +245,7 @@ class RecoverSection:
     fall back to the calibration section's."""
 
     method: str | None = None  # perp | lift | None (no recovery)
-    recover_steps: int = 100
+    recover_steps: int | None = None  # None: 100 (retrain); reconstruct: DEFAULT_STEPS per block
     recover_max_seconds: float | None = None
     lr: float | None = None  # None = the method's measured default (llmprune.recovery.DEFAULT_LR)
     mode: str = "retrain"  # retrain (causal-LM loss) | reconstruct (match the dense blocks)
@@ -276,7 +276,7 @@ class RecoverSection:
                     f"unknown recovery method {name!r}{did_you_mean(name, METHODS)}; use one of "
                     f"{', '.join(METHODS)}, or null for none.",
                 )
-        _int("recover.recover_steps", self.recover_steps, 1)
+        _int("recover.recover_steps", self.recover_steps, 1, optional=True)
         _float("recover.recover_max_seconds", self.recover_max_seconds, optional=True)
         _float("recover.lr", self.lr, optional=True)
         if self.mode not in MODES:
@@ -552,6 +552,21 @@ class Recipe:
             "seq_len": r.max_seq_length or c.max_seq_length,
             "seed": c.seed if r.seed is None else r.seed,
         }
+
+    def fused_recover_kwargs(self) -> dict[str, Any]:
+        """``recover=``/``recover_options=`` of ``llmprune.api.prune`` for ``mode: reconstruct``, which
+        ``llmprune prune`` fuses into the pruning pass (its calibration windows and batches are the data)."""
+        r = self.recover
+        if r.dataset is not None or r.num_samples is not None or r.max_seq_length is not None:
+            raise _fail(
+                "recover",
+                "mode reconstruct runs inside the pruning pass on its calibration windows: drop "
+                "recover.dataset, num_samples and max_seq_length (set the calibration section instead).",
+            )
+        kwargs = self.recover_kwargs()
+        for key in ("method", "mode", "distill", "batch_size"):
+            kwargs.pop(key)
+        return {"recover": r.method, "recover_options": {k: v for k, v in kwargs.items() if v is not None}}
 
     def recover_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``llmprune.recovery.recover(model, input_ids=…, **kwargs)``.

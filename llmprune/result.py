@@ -42,6 +42,7 @@ class PruneResult:
     seconds: float = 0.0
     dense_weights: int = 0  # weights of the block Linears the selection left dense (--ignore, --targets)
     allocation: dict[str, Any] | None = None  # how per-layer sparsities were chosen (non-uniform only)
+    recovery: dict[str, Any] | None = None  # block-wise reconstruction fused into the pass (recover=...)
 
     @property
     def overall_sparsity(self) -> float:

@@ -23,6 +23,8 @@ Scale (all off by default; the default path is the plain in-memory loop):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -80,6 +82,9 @@ class EngineConfig:
     resume: bool = False  # continue the run recorded in checkpoint_dir
     allocation: str = "uniform"  # per-layer sparsity pre-pass: uniform | owl | error | depth
     allocation_options: AllocationOptions = field(default_factory=AllocationOptions)
+    # fused recovery (recovery/blockwise.BlockReconstructor): tap(block) before the dense forward,
+    # recover(...) once the block is pruned; the next block is fed the recovered block's outputs
+    block_recovery: Any = None
 
 
 class BlockSource:
@@ -239,6 +244,11 @@ def _add_per_sample(acc: StatsAccumulator, name: str, xs: list[Tensor], hidden: 
     for i in range(hidden.shape[0]):
         for s in split:
             acc.add(s[i], first + i)
+
+
+def _call_batch(block: nn.Module, inputs: BlockInputs, b: int) -> Tensor:
+    """The block's output on calibration batch ``b`` (what block-wise recovery trains on)."""
+    return call_block(block, inputs.hidden[b], inputs.args[b], inputs.kwargs[b])
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -473,21 +483,38 @@ def prune_blocks(
             n: m for n, m in _selected(block, f"{prefix}.{i}", cfg.selection).items() if not specs[n].is_dense
         }
         dense_out = activation_list(spill, cfg.offload_dir) if modules else None
+        taps = cfg.block_recovery.tap(block) if cfg.block_recovery is not None and modules else None
         if modules:
             groups = execution_groups(block, modules, inputs) if cfg.true_sequential else [list(modules)]
             for g, group in enumerate(groups):
                 bar.set_postfix_str(f"{label} calibrating {g + 1}/{len(groups)}")
                 group_modules = {n: modules[n] for n in group}
-                accs = _calibrate(
-                    block,
-                    group_modules,
-                    inputs,
-                    needs,
-                    stop_after=None if g == 0 else group[-1],
-                    outputs=dense_out if g == 0 else None,
-                )
+                with taps.record() if taps is not None and g == 0 else contextlib.nullcontext():
+                    accs = _calibrate(
+                        block,
+                        group_modules,
+                        inputs,
+                        needs,
+                        stop_after=None if g == 0 else group[-1],
+                        outputs=dense_out if g == 0 else None,
+                    )
                 _solve_group(group, group_modules, accs, specs, cfg, comm, num_samples, result, source)
                 del accs
+        if taps is not None:  # dense targets were recorded by the forward above: no extra propagation
+            bar.set_postfix_str(f"{label} reconstructing")
+            try:
+                cfg.block_recovery.recover(
+                    i,
+                    f"{prefix}.{i}",
+                    block,
+                    functools.partial(_call_batch, block, inputs),
+                    len(inputs),
+                    taps,
+                    {n: result.keep_masks[n] for n in modules},
+                )
+            finally:
+                taps.remove()
+            del taps
         bar.set_postfix_str(f"{label} propagating")
         errors: list[list[float]] = []  # per sample: squared output error, squared dense output (fp64)
         for b in range(len(inputs)):

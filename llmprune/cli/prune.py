@@ -53,10 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("recovery")
     g.add_argument("--recover", choices=["perp", "lift"], help="retrain a tiny subset after pruning")
-    g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
+    g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100; reconstruct: per block)")
     g.add_argument("--recover_max_seconds", type=float, help="stop recovery after this long")
     g.add_argument("--lr", type=float, help="recovery learning rate (default: the method's)")
-    g.add_argument("--recover_mode", choices=["retrain", "reconstruct"], help="default retrain")
+    g.add_argument(
+        "--recover_mode",
+        choices=["retrain", "reconstruct"],
+        help="retrain (default) after pruning, or reconstruct each block right after pruning it",
+    )
     g.add_argument("--distill", type=float, help="retrain: weight of KL to the dense model, 0..1 (default 1)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
@@ -124,16 +128,19 @@ def run(args: argparse.Namespace) -> int:
     if recipe.output_dir:  # e.g. GGUF of an architecture llama.cpp lacks: refuse before pruning
         check_format(recipe.save_format, recipe.gguf_type, model)
     dense = _scores(model, tok, recipe, args.skip_eval) if comm.is_main else {}
-    teacher = copy.deepcopy(model) if recipe.recover.needs_dense_model and comm.is_main else None
+    fused = recipe.recover.method is not None and recipe.recover.mode == "reconstruct"  # inside the pass
+    fused_kwargs = recipe.fused_recover_kwargs() if fused else {}
+    keep_dense = recipe.recover.needs_dense_model and not fused and comm.is_main
+    teacher = copy.deepcopy(model) if keep_dense else None
     t0 = time.perf_counter()
     result = llmprune.prune(
-        model, tok, **recipe.prune_kwargs(), checkpoint_dir=checkpoint_dir, resume=args.resume
+        model, tok, **recipe.prune_kwargs(), checkpoint_dir=checkpoint_dir, resume=args.resume, **fused_kwargs
     )
     prune_seconds = time.perf_counter() - t0
     if not comm.is_main:  # every rank holds the same pruned model: rank 0 finishes the run alone
         return 0
-    recovery = None
-    if recipe.recover.method:
+    recovery = result.recovery
+    if recipe.recover.method and not fused:
         from llmprune.calibration.data import calibration_tokens
         from llmprune.calibration.settings import calibration_size
         from llmprune.recovery import recover
@@ -311,7 +318,7 @@ def _summary(recipe, result, prune_seconds: float, dense, pruned, recovery) -> d
         "lm_eval": {"dense": dense.get("lm_eval"), "pruned": pruned.get("lm_eval")}
         if recipe.eval.tasks
         else None,
-        "recovery": recovery.to_dict() if recovery is not None and hasattr(recovery, "to_dict") else None,
+        "recovery": recovery.to_dict() if hasattr(recovery, "to_dict") else recovery,
         "calibration_hash": result.calibration_hash,
         "fallbacks": result.fallbacks,
         "command": _command(),

@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "num_calibration_samples": 256,
     "max_seq_length": None,  # None: 256, or the model's positions if fewer
     "seed": 0,
-    "recover_steps": 100,
+    "recover_steps": None,  # None: 100 (retrain), per block blockwise.DEFAULT_STEPS (reconstruct)
     "recover_max_seconds": None,
     "lr": None,
     "batch_size": 4,
@@ -57,10 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
     g = p.add_argument_group("recovery")
     g.add_argument("--method", choices=["perp", "lift"], help="perp (default): LoRA+norms+biases; lift")
-    g.add_argument("--mode", choices=["retrain", "reconstruct"], help="retrain (default) or reconstruct")
+    g.add_argument(
+        "--mode",
+        choices=["retrain", "reconstruct"],
+        help="retrain (default), or reconstruct block by block towards --dense_model's blocks",
+    )
     g.add_argument("--dense_model", help="dense checkpoint (reconstruct targets, distill teacher)")
     g.add_argument("--distill", type=float, help="weight of KL to --dense_model, 0..1 (default 1 with it)")
-    g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100)")
+    g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100; reconstruct: per block)")
     g.add_argument("--recover_max_seconds", type=float, help="time budget; the schedule decays to 0 by then")
     g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     g.add_argument("--batch_size", type=int, help="windows per step (default 4)")
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     if s["output_dir"]:
         from llmprune.io.save import save_pruned
 
-        recipe = _recipe(s, options, distill=result.options["distill"])
+        recipe = _recipe(s, options, distill=result.options["distill"], steps=result.options["steps"])
         metrics = None
         if after is not None:
             metrics = {
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe(s: dict[str, Any], options: dict[str, Any], distill: float) -> dict[str, Any]:
+def _recipe(s: dict[str, Any], options: dict[str, Any], distill: float, steps: int) -> dict[str, Any]:
     """The pruning recipe saved beside the input checkpoint (if any), with this run's ``recover`` section."""
     import yaml
 
@@ -226,7 +230,7 @@ def _recipe(s: dict[str, Any], options: dict[str, Any], distill: float) -> dict[
     recipe = recipe if isinstance(recipe, dict) else {"version": 1}
     recipe["recover"] = {
         "method": s["method"],
-        "recover_steps": s["recover_steps"],
+        "recover_steps": steps,  # resolved, like lr
         "recover_max_seconds": s["recover_max_seconds"],
         "lr": s["lr"] if s["lr"] is not None else DEFAULT_LR[s["method"]],  # resolved: reruns match
         "mode": s["mode"],

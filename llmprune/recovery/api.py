@@ -15,13 +15,14 @@ from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.preflight import check_teacher, check_typed
-from llmprune.recovery import masking
+from llmprune.recovery import blockwise, masking
 from llmprune.recovery.heap import reuse_freed_memory
 from llmprune.recovery.lift import LiftOptions, LiftSession
 from llmprune.recovery.losses import retraining_loss
 from llmprune.recovery.perp import PerpOptions, PerpSession
 from llmprune.recovery.reconstruct import reconstruct
-from llmprune.recovery.train import LoopResult, TrainSettings, run, window_batches
+from llmprune.recovery.teacher import TopKTargets, topk_targets
+from llmprune.recovery.train import LoopResult, TrainSettings, index_batches, run
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def recover(
     input_ids: Tensor,
     method: str = "perp",
     keep_masks: dict[str, Tensor] | None = None,
-    steps: int = 100,
+    steps: int | None = None,
     max_seconds: float | None = None,
     lr: float | None = None,
     batch_size: int = 4,
@@ -106,6 +107,8 @@ def recover(
     mode: str = "retrain",
     dense_model: nn.Module | None = None,
     distill: float | None = None,
+    teacher_top_k: int | None = None,
+    teacher_targets: TopKTargets | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
     **options: Any,
 ) -> RecoveryResult:
@@ -113,12 +116,19 @@ def recover(
 
     ``input_ids`` are ``(N, L)`` training windows (``calibration_tokens``). ``keep_masks`` (``{name: (out, in)
     bool}``, True = kept) default to the exact zeros of the block Linears. ``mode="reconstruct"`` needs
-    ``dense_model`` (a dense copy; see :mod:`llmprune.recovery.reconstruct`). ``distill`` in [0, 1] mixes
+    ``dense_model`` (a dense copy; see :mod:`llmprune.recovery.reconstruct`) and trains block by block
+    towards the dense blocks' attention and MLP outputs: there ``steps`` counts per block (default
+    ``blockwise.DEFAULT_STEPS``), ``max_seconds`` is shared by all blocks, and ``lr`` defaults to
+    ``blockwise.DEFAULT_LR``. ``steps`` defaults to 100 in retrain mode. ``distill`` in [0, 1] mixes
     knowledge distillation into retraining: loss = (1 − distill)·LM loss + distill·KL(dense ‖ pruned) over
     the next-token distributions, with ``dense_model`` as the teacher; ``None`` = 1 when a ``dense_model``
     is given, else 0 (distillation recovered more in every measured case: docs/benchmarks.md). The model
     comes back as plain Linear weights (adapters merged), in its original train/eval mode. Dropout is off
     while training.
+    ``teacher_top_k=k`` distils from the dense model's top-k probabilities (the rest of the mass as one
+    bucket), computed once before training instead of a teacher forward per step; ``teacher_targets``
+    passes such targets computed earlier (:func:`llmprune.recovery.teacher.topk_targets` on the same
+    ``input_ids``, e.g. before pruning), so no dense copy needs to be in memory at all.
     ``callback(step, model)`` runs after every optimiser step.
 
     >>> result = recover(model, input_ids=calibration_tokens(None, tok, 64, 256), steps=200)  # doctest: +SKIP
@@ -141,21 +151,30 @@ def recover(
             "mode='reconstruct' needs dense_model=<a dense copy of the model> to take targets from."
         )
     if distill is None:
-        distill = 1.0 if dense_model is not None and mode == "retrain" else 0.0
+        has_teacher = dense_model is not None or teacher_targets is not None
+        distill = 1.0 if has_teacher and mode == "retrain" else 0.0
     problem = distill_problem(distill, mode)
     if problem:
         raise ConfigError(f"distill {problem}")
-    if distill > 0 and dense_model is None:
+    if teacher_targets is not None and not torch.equal(teacher_targets.input_ids, input_ids):
+        raise ConfigError(
+            "teacher_targets were computed on other windows than input_ids: pass the same windows."
+        )
+    if distill > 0 and dense_model is None and teacher_targets is None:
         raise ConfigError(
             f"distill={distill} needs dense_model=<the dense model before pruning> as the teacher "
             "(or distill=0)."
         )
     if dense_model is not None:
         check_teacher(getattr(model, "config", None), getattr(dense_model, "config", None), "dense_model")
+    if mode == "reconstruct":
+        default_steps, default_lr = blockwise.DEFAULT_STEPS, blockwise.DEFAULT_LR[method]
+    else:
+        default_steps, default_lr = 100, DEFAULT_LR[method]
     settings = TrainSettings(
-        steps=steps,
+        steps=default_steps if steps is None else steps,
         max_seconds=max_seconds,
-        lr=DEFAULT_LR[method] if lr is None else lr,
+        lr=default_lr if lr is None else lr,
         batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
         warmup_ratio=warmup_ratio,
@@ -182,39 +201,51 @@ def recover(
     sparsity_before = masking.sparsity(targets)
     was_training = model.training
     model.eval()  # no dropout: short runs on few windows, and deterministic
-    session = session_cls(model, targets, method_opts)
-    with (
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-        reuse_freed_memory(device.type == "cpu"),
-    ):
-        torch.manual_seed(seed)
+    if mode == "reconstruct":  # one session per block (blockwise.py), none over the whole model
+        fields = {k: v for k, v in dataclasses.asdict(settings).items() if k in blockwise.TRAIN_KEYS}
+        reconstructor = blockwise.BlockReconstructor(
+            blockwise.BlockwiseOptions(method=method, method_options=options, **fields),
+            len(masking.decoder_blocks(model)),
+        )
         try:
-            session.attach()
-            trainable = session.trainable_count()
-            log.info(
-                "%s (%s): training %d of %d parameters (%.4f %%)",
-                method, mode, trainable, total_params, 100 * trainable / total_params,
+            loop, per_block = reconstruct(
+                model, dense_model, reconstructor, input_ids, settings.batch_size,
+                {name: keep for name, (_, keep) in targets.items()},
             )  # fmt: skip
-
-            def on_step(step: int) -> None:
-                session.after_step(step)
-                if callback is not None:
-                    callback(step, model)
-
-            if mode == "retrain":
-                teacher = dense_model if distill > 0 else None
-                loop, details = _retrain(model, session, input_ids, settings, on_step, teacher, distill), {}
-            else:
-                loop, per_block = reconstruct(
-                    model, dense_model, session, input_ids, settings, on_step=on_step
-                )
-                details = {"blocks": per_block}
-        except BaseException:
-            session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
+        finally:
             model.train(was_training)
-            raise
-        session.finish()
-        model.train(was_training)
+        session, details = None, {"blocks": per_block}
+        trainable = sum(b["trainable"] for b in per_block)
+    else:
+        session = session_cls(model, targets, method_opts)
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            reuse_freed_memory(device.type == "cpu"),
+        ):
+            torch.manual_seed(seed)
+            try:
+                session.attach()
+                trainable = session.trainable_count()
+                log.info(
+                    "%s (%s): training %d of %d parameters (%.4f %%)",
+                    method, mode, trainable, total_params, 100 * trainable / total_params,
+                )  # fmt: skip
+
+                def on_step(step: int) -> None:
+                    session.after_step(step)
+                    if callback is not None:
+                        callback(step, model)
+
+                teacher = (teacher_targets or dense_model) if distill > 0 else None
+                if teacher_top_k is not None and isinstance(teacher, nn.Module):
+                    teacher = topk_targets(teacher, input_ids, teacher_top_k, settings.batch_size)
+                loop, details = _retrain(model, session, input_ids, settings, on_step, teacher, distill), {}
+            except BaseException:
+                session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
+                model.train(was_training)
+                raise
+            session.finish()
+            model.train(was_training)
     masking.assert_preserved(targets)  # the merge itself must keep the zeros; this is a bug check
     masking.enforce(targets)  # canonical +0.0 at every pruned entry
     if isinstance(session, LiftSession):
@@ -251,7 +282,7 @@ def _retrain(
     input_ids: Tensor,
     settings: TrainSettings,
     on_step,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | TopKTargets | None = None,
     distill: float = 0.0,
 ) -> LoopResult:
     """Causal-LM loss on the token windows, mixed with distillation from ``teacher`` when ``distill > 0``.
@@ -261,17 +292,20 @@ def _retrain(
     keeps short retraining on narrow text from drifting the model towards that text's style.
     """
     device = next(model.parameters()).device
-    batches = window_batches(input_ids, settings.batch_size, settings.seed)
-    if teacher is not None:
+    batches = index_batches(input_ids, settings.batch_size, settings.seed)
+    live = isinstance(teacher, nn.Module)
+    if live:
         teacher.eval()
         teacher_device = next(teacher.parameters()).device
 
-    def loss_fn(batch: Tensor) -> Tensor:
-        batch = batch.to(device)
+    def loss_fn(rows: Tensor) -> Tensor:
+        batch = input_ids[rows].to(device)
         target = None
-        if teacher is not None:
+        if live:
             with torch.no_grad():
                 target = teacher(input_ids=batch.to(teacher_device), use_cache=False).logits.to(device)
+        elif teacher is not None:
+            target = teacher.rows(rows)
         logits = model(input_ids=batch, use_cache=False).logits
         return retraining_loss(logits, batch, target, distill)
 

@@ -21,6 +21,26 @@ from torch import Tensor
 ROWS_PER_CHUNK = 128  # 128 × 49k floats = 25 MB: small enough to be reused from the heap, step after step
 
 
+def _topk_kl_(grad: Tensor, log_p: Tensor, idx: Tensor, p_top: Tensor, rest: Tensor) -> Tensor:
+    """KL of the teacher's (k + 1)-bucket distribution to the student's folded the same way, summed over
+    the rows; ``grad`` (the student's softmax on entry) becomes its gradient w.r.t. the logits.
+
+    With q the student's probabilities, the bucket's student mass ``q_rest`` is the sum over the tokens
+    outside the teacher's top k (summed directly: ``1 − Σ top`` loses it to cancellation). The gradient is
+    ``q − t`` where ``t`` is the teacher's probability on its top k and ``rest · q_j / q_rest`` elsewhere
+    (the bucket's mass spread the way the student spreads it).
+    """
+    p_top = p_top.to(grad.dtype)
+    rest = rest.to(grad.dtype)
+    q_top = grad.gather(1, idx)  # (rows, k)
+    q_rest = grad.scatter(1, idx, 0.0).sum(1).clamp_min(torch.finfo(grad.dtype).tiny)  # (rows,)
+    kl = torch.xlogy(p_top, p_top) - p_top * log_p.gather(1, idx)
+    kl_rest = torch.xlogy(rest, rest) - rest * q_rest.log()
+    grad.mul_((1.0 - rest / q_rest).unsqueeze(1))
+    grad.scatter_(1, idx, q_top - p_top)
+    return kl.sum(dtype=torch.float64) + kl_rest.sum(dtype=torch.float64)
+
+
 class _MixedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, teacher: Tensor | None, labels: Tensor, distill: float) -> Tensor:
@@ -36,7 +56,10 @@ class _MixedLoss(torch.autograd.Function):
             rows = slice(start, start + ROWS_PER_CHUNK)
             log_p = F.log_softmax(logits[rows].to(dtype), dim=-1)
             chunk_grad = log_p.exp()  # softmax(s); the gradient is built on it in place
-            if distill > 0:
+            if distill > 0 and isinstance(teacher, tuple):  # top-k targets + the rest as one bucket
+                total += kl_scale * _topk_kl_(chunk_grad, log_p, *(t[rows] for t in teacher))
+                chunk_grad.mul_(kl_scale)
+            elif distill > 0:
                 log_t = F.log_softmax(teacher[rows].to(dtype), dim=-1)
                 p_t = log_t.exp()
                 terms = p_t * (log_t - log_p)  # 0 · (−inf) where a teacher logit is −inf (masked token)
@@ -66,17 +89,29 @@ class _MixedLoss(torch.autograd.Function):
 
 
 def retraining_loss(
-    logits: Tensor, input_ids: Tensor, teacher_logits: Tensor | None = None, distill: float = 0.0
+    logits: Tensor,
+    input_ids: Tensor,
+    teacher_logits: Tensor | tuple[Tensor, Tensor, Tensor] | None = None,
+    distill: float = 0.0,
 ) -> Tensor:
     """Mean next-token loss of ``(B, L, V)`` logits on their own windows, mixed with KL to the teacher.
 
     ``distill = 0``: the causal-LM loss (``labels = input_ids``, shifted), teacher unused. ``distill = 1``:
-    KL(teacher ‖ model) averaged over all B·L positions. In between: the weighted sum.
+    KL(teacher ‖ model) averaged over all B·L positions. In between: the weighted sum. The teacher is
+    its ``(B, L, V)`` logits, or its top-k targets ``(indices (B, L, k), probs (B, L, k), rest (B, L))``
+    (``teacher.TopKTargets.rows``), whose KL folds every other token into one bucket.
     """
     if distill > 0 and teacher_logits is None:
         raise ValueError("distill > 0 needs teacher_logits")
     labels = torch.full_like(input_ids, -100)
     labels[:, :-1] = input_ids[:, 1:]
     flat = logits.reshape(-1, logits.shape[-1])
-    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1]) if distill > 0 else None
+    teacher = None
+    if distill > 0 and isinstance(teacher_logits, tuple):
+        idx, probs, rest = teacher_logits
+        k = idx.shape[-1]
+        teacher = (idx.reshape(-1, k), probs.reshape(-1, k), rest.reshape(-1))
+        teacher = tuple(t.to(flat.device) for t in teacher)
+    elif distill > 0:
+        teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     return _MixedLoss.apply(flat, teacher, labels.reshape(-1).to(flat.device), float(distill))

@@ -182,8 +182,8 @@ class PerpSession:
         peft, _ = _peft()
         mask_cls, scale_cls = _layer_classes()
         names = list(self.targets) if self.options.r > 0 else []
-        head = self.model.get_output_embeddings()
-        if self.options.lm_head and head is not None and self.options.r > 0:
+        head = self.model.get_output_embeddings() if self.options.lm_head else None  # None: one block
+        if head is not None and self.options.r > 0:
             if _tied_output_embeddings(self.model):
                 log.info(
                     "lm_head is tied to the input embeddings: PERP leaves it out (a merge would change both)"

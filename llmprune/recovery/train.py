@@ -88,6 +88,11 @@ def make_adamw(params: Iterable[Tensor], settings: TrainSettings) -> torch.optim
 
 def window_batches(input_ids: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
     """Endless ``(batch_size, L)`` batches of token windows: seeded shuffles, epoch after epoch."""
+    return (input_ids[rows] for rows in index_batches(input_ids, batch_size, seed))
+
+
+def index_batches(input_ids: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """The window indices of :func:`window_batches`' batches (to fetch per-window targets alongside)."""
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
         raise ConfigError(f"input_ids must be (N, L) with N >= 1 and L >= 2, got {tuple(input_ids.shape)}.")
     gen = torch.Generator().manual_seed(seed)
@@ -96,7 +101,7 @@ def window_batches(input_ids: Tensor, batch_size: int, seed: int) -> Iterator[Te
     while True:
         order = torch.randperm(n, generator=gen)
         for start in range(0, n - size + 1, size):
-            yield input_ids[order[start : start + size]]
+            yield order[start : start + size]
 
 
 def lr_factor(step: int, steps: int, elapsed: float, max_seconds: float | None, warmup_ratio: float) -> float:
