@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 
 #: dense statistics kept for auto's candidate checks above this size are skipped (the proxy decides)
 _AUTO_STATS_BUDGET = 2 * 2**30
+#: at most this many (dropped blocks, removed groups) pairs: auto checks every one of them
+EXHAUSTIVE = 12
+
+
+def _heads_alone(fraction: float, c: Costs, g_max: int) -> int:
+    """Key-value groups per block that remove ``fraction`` by heads alone (0: heads cannot reach it)."""
+    try:
+        g = counts_for("heads", fraction, c).kv_groups if g_max else 0
+    except ConfigError:
+        return 0
+    return g if g <= g_max else 0
 
 
 def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress):
@@ -107,13 +118,27 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
         except ConfigError:  # nothing with exactly these counts fits the budget
             return None
 
-    # coordinate search: the depth budget first (groups as the proxy likes), then the groups at the best depth
-    consider(proxy)
-    for d in sorted({0, full // 3, (2 * full) // 3, full}):
-        consider(proposal(blocks=d))
-    best = min(search, key=lambda r: (r["loss"], r["blocks"]))
-    for g in range(g_max + 1):
-        consider(proposal(blocks=best["blocks"], groups=g))
+    max_blocks = c.num_blocks - 1
+    if (max_blocks + 1) * (g_max + 1) <= EXHAUSTIVE:  # small models: every split
+        for d in range(max_blocks + 1):
+            for g in range(g_max + 1):
+                consider(proposal(blocks=d, groups=g))
+    else:
+        # each structure alone, so auto is never worse than the best of them on this loss; then a coordinate
+        # search: the depth budget first (groups as the proxy likes), then the groups at the best depth
+        consider(proxy)
+        consider(proposal(blocks=0, groups=0))  # width alone
+        consider(proposal(blocks=full, groups=0))  # depth alone (channels only to round the size)
+        alone = _heads_alone(fraction, c, g_max)
+        if alone:
+            consider(proposal(blocks=0, groups=alone))
+        for d in sorted({0, full // 3, (2 * full) // 3, full}):
+            consider(proposal(blocks=d))
+        best = min(search, key=lambda r: (r["loss"], r["blocks"]))
+        for g in range(g_max + 1):
+            consider(proposal(blocks=best["blocks"], groups=g))
+    if not search:
+        return proxy, scores, []
     best = min(search, key=lambda r: (r["loss"], r["blocks"]))
     return tried[(best["blocks"], best["kv_groups"])], scores, search
 
