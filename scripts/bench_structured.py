@@ -72,6 +72,13 @@ def timed_lock(path: str | None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def load_saved(path: Path):
+    """A row's saved model (weights and config only: the tokenizer is the dense model's)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
 def rows_dir(out: Path) -> Path:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     return out / "rows"
@@ -191,7 +198,7 @@ def choose_lr(args) -> None:
         optimizer, lr = spec.split(":") if ":" in spec else ("adamw", spec)
         if any(r["optimizer"] == optimizer and r["lr"] == float(lr) for r in record["runs"]):
             continue
-        model, _ = llmprune.load_model(str(source))
+        model = load_saved(source)
         before = record.get("ppl_valid_before") or window_perplexity(model, valid)
         record["ppl_valid_before"] = before
         res = recover(
@@ -255,7 +262,7 @@ def recover_one(args, key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.speed_threads)
     dense, tok = llmprune.load_model(args.model)
-    model, _ = llmprune.load_model(str(args.out / "models" / key))
+    model = load_saved(args.out / "models" / key)
     ids = recovery_windows(tok, args)
     method = "perp" if key.startswith("unstructured") else "full"
     with timed_lock(args.lock):

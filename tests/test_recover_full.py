@@ -104,3 +104,13 @@ def test_cli_structure_then_full_recovery(tiny_checkpoint, capsys) -> None:
     recovery = json.loads(capsys.readouterr().out)["recovery"]
     assert recovery["method"] == "full" and recovery["steps_done"] == 2
     assert recovery["options"]["distill"] == 1.0 and recovery["trainable_fraction"] == 1.0
+
+
+def test_recipe_takes_full_and_its_options() -> None:
+    from llmprune.recipe import Recipe
+
+    recipe = Recipe.from_dict({"recover": {"method": "full", "options": {"optimizer": "adafactor"}}})
+    kwargs = recipe.recover_kwargs()
+    assert kwargs["method"] == "full" and kwargs["optimizer"] == "adafactor"
+    with pytest.raises(ConfigError, match="did you mean 'optimizer'"):
+        Recipe.from_dict({"recover": {"method": "full", "options": {"optimiser": "adafactor"}}})
