@@ -183,40 +183,50 @@ def recovery_windows(tok, args) -> torch.Tensor:
 
 
 def choose_lr(args) -> None:
-    """Full recovery of the block-influence row at 30 % for ``--lr_steps`` steps per rate; validation ppl."""
+    """``--recover full`` of one saved row for ``--lr_seconds`` per setting (one timed lock for all of
+    them, as the recovery itself is time-budgeted), scored on the *validation* part."""
     import llmprune
     from llmprune.recovery import recover
 
     path = args.out / "lr.json"
     record = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.speed_threads)
     dense, tok = llmprune.load_model(args.model)
     _, valid = load_data(args.data, "valid")
     ids = recovery_windows(tok, args)
     source = args.out / "models" / args.lr_row
-    for spec in args.lrs.split(","):
-        optimizer, lr = spec.split(":") if ":" in spec else ("adamw", spec)
-        if any(r["optimizer"] == optimizer and r["lr"] == float(lr) for r in record["runs"]):
-            continue
-        model = load_saved(source)
-        before = record.get("ppl_valid_before") or window_perplexity(model, valid)
-        record["ppl_valid_before"] = before
-        res = recover(
-            model, method="full", input_ids=ids, dense_model=dense, steps=args.lr_steps, lr=float(lr),
-            batch_size=args.recover_batch, optimizer=optimizer,
-        )  # fmt: skip
-        run = {
-            "optimizer": optimizer,
-            "lr": float(lr),
-            "steps": res.steps_done,
-            "seconds": res.seconds,
-            "ppl_valid": window_perplexity(model, valid),
-            "peak_memory_mib": res.peak_memory_mib,
-        }
-        record["runs"].append(run)
-        record.update(row=args.lr_row, steps=args.lr_steps, windows=list(ids.shape))
-        save_json(path, record)
-        print(json.dumps(run), flush=True)
+    with timed_lock(args.lock):
+        for spec in args.lrs.split(","):
+            optimizer, lr = spec.split(":") if ":" in spec else ("adamw", spec)
+            if any(r["optimizer"] == optimizer and r["lr"] == float(lr) for r in record["runs"]):
+                continue
+            model = load_saved(source)
+            record["ppl_valid_before"] = record.get("ppl_valid_before") or window_perplexity(model, valid)
+            res = recover(
+                model, method="full", input_ids=ids, dense_model=dense, steps=10**6,
+                max_seconds=args.lr_seconds, lr=float(lr), batch_size=args.recover_batch, optimizer=optimizer,
+            )  # fmt: skip
+            run = {
+                "optimizer": optimizer,
+                "lr": float(lr),
+                "steps": res.steps_done,
+                "seconds": res.seconds,
+                "ppl_valid": window_perplexity(model, valid),
+                "peak_memory_mib": res.peak_memory_mib,
+            }
+            record["runs"].append(run)
+            record.update(row=args.lr_row, seconds=args.lr_seconds, windows=list(ids.shape))
+            save_json(path, record)
+            print(json.dumps(run), flush=True)
+
+
+def chosen_lr(out: Path) -> tuple[str, float] | None:
+    """(optimizer, lr) with the lowest validation perplexity in ``lr.json``, if the sweep ran."""
+    path = out / "lr.json"
+    if not path.exists():
+        return None
+    best = min(json.loads(path.read_text())["runs"], key=lambda r: r["ppl_valid"])
+    return best["optimizer"], best["lr"]
 
 
 def speed(args) -> None:
@@ -265,17 +275,19 @@ def recover_one(args, key: str) -> None:
     model = load_saved(args.out / "models" / key)
     ids = recovery_windows(tok, args)
     method = "perp" if key.startswith("unstructured") else "full"
+    choice = chosen_lr(args.out) if method == "full" else None
+    extra = {"optimizer": choice[0], "lr": choice[1]} if choice else {}
     with timed_lock(args.lock):
         res = recover(
             model, method=method, input_ids=ids, dense_model=dense, steps=10**6,
-            max_seconds=args.recover_seconds, batch_size=args.recover_batch,
+            max_seconds=args.recover_seconds, batch_size=args.recover_batch, **extra,
         )  # fmt: skip
     os.nice(19)
     torch.set_num_threads(args.threads)
     _, test = load_data(args.data, "test")
     rec = {
         "key": key,
-        "method": method,
+        "method": method + (f" ({res.options['optimizer']})" if method == "full" else ""),
         "lr": res.options["lr"],
         "steps": res.steps_done,
         "seconds": res.seconds,
@@ -296,7 +308,7 @@ def _forward(args) -> list[str]:
     keys = ("model", "data", "out", "rows", "threads", "speed_threads", "recover_rows", "recover_seconds")
     keys += ("recover_batch", "recover_windows", "max_seq_length", "lock", "unstructured_at", "lrs")
     keys += ("save_at",)
-    keys += ("lr_steps", "lr_row")
+    keys += ("lr_seconds", "lr_row")
     out = []
     for k in keys:
         v = getattr(args, k)
@@ -331,7 +343,7 @@ def main() -> None:
     ap.add_argument("--recover_batch", type=int, default=4)
     ap.add_argument("--recover_windows", type=int, default=128)
     ap.add_argument("--lrs", default="3e-5,1e-4,3e-4,adafactor:1e-3")
-    ap.add_argument("--lr_steps", type=int, default=16)
+    ap.add_argument("--lr_seconds", type=float, default=180, help="recovery budget of each lr tried")
     ap.add_argument("--lr_row", default="depth-block_influence-0.3")
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # child: prune one sparsity
     ap.add_argument("--dense_one", action="store_true", help=argparse.SUPPRESS)  # child: the dense row
@@ -450,9 +462,12 @@ def render(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"Learning rate of `--recover full`, chosen on the validation part: {lr['row']} recovered for "
-            f"{lr['steps']} steps of {lr['windows'][1]}-token windows (batch 4) per setting, perplexity on "
-            f"`valid.pt` (before recovery {lr['ppl_valid_before']:.2f}): "
-            + "; ".join(f"{r['optimizer']} {r['lr']:g} → {r['ppl_valid']:.2f}" for r in lr["runs"])
+            f"{lr['seconds']:.0f} s per setting ({lr['windows'][1]}-token windows, batch 4, under the timed "
+            f"lock), perplexity on `valid.pt` (before recovery {lr['ppl_valid_before']:.2f}): "
+            + "; ".join(
+                f"{r['optimizer']} {r['lr']:g} → {r['ppl_valid']:.2f} ({r['steps']} steps)"
+                for r in lr["runs"]
+            )
             + ".",
         ]
     if recovered:
