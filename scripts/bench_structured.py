@@ -229,19 +229,36 @@ def chosen_lr(out: Path) -> tuple[str, float] | None:
     return best["optimizer"], best["lr"]
 
 
+def shape_key(cfg: dict[str, Any]) -> str:
+    """Speed depends on the shape only: ``layers:MLP width:KV heads``."""
+    return ":".join(str(cfg[k]) for k in ("num_hidden_layers", "intermediate_size", "num_key_value_heads"))
+
+
 def speed(args) -> None:
-    """Every recorded shape and the dense model, timed alternately in one process (under the lock)."""
+    """Every distinct shape (the recorded rows' and ``--shapes``) timed alternately with the dense model in
+    one process under the lock. A shape is rebuilt with its first blocks/channels/groups removed: which
+    ones does not change the time."""
     import llmprune
     from llmprune.evaluation.speed import compare_speed, speedups
     from llmprune.structured.surgery import Removal, rebuild
 
     torch.set_num_threads(args.speed_threads)
     dense, _ = llmprune.load_model(args.model)
-    rows = [json.loads(p.read_text()) for p in sorted(rows_dir(args.out).glob("*.json"))]
+    base = _dense_shape(dense)
+    shapes = {shape_key(json.loads(p.read_text())["config"]) for p in rows_dir(args.out).glob("*.json")
+              if "error" not in json.loads(p.read_text())}  # fmt: skip
+    shapes |= set(filter(None, args.shapes.split(",")))
+    shapes.discard(shape_key(base))
     models = {"dense": dense}
-    for row in rows:
-        if "error" not in row and row["structure"] != "unstructured":  # same shape as dense
-            models[row["key"]] = rebuild(dense, Removal.from_dict(row["removal"]))
+    for shape in sorted(shapes):
+        layers, width, kv = map(int, shape.split(":"))
+        kept = range(base["num_hidden_layers"] - layers, base["num_hidden_layers"])
+        removal = Removal(
+            blocks=list(range(base["num_hidden_layers"] - layers)),
+            channels={i: list(range(base["intermediate_size"] - width)) for i in kept},
+            kv_groups={i: list(range(base["num_key_value_heads"] - kv)) for i in kept},
+        )
+        models[shape] = rebuild(dense, removal)
     with timed_lock(args.lock):
         speeds = compare_speed(
             models, prefill_batch=args.prefill_batch, prefill_length=args.prefill_length,
@@ -282,9 +299,6 @@ def recover_one(args, key: str) -> None:
             model, method=method, input_ids=ids, dense_model=dense, steps=10**6,
             max_seconds=args.recover_seconds, batch_size=args.recover_batch, **extra,
         )  # fmt: skip
-    os.nice(19)
-    torch.set_num_threads(args.threads)
-    _, test = load_data(args.data, "test")
     rec = {
         "key": key,
         "method": method + (f" ({res.options['optimizer']})" if method == "full" else ""),
@@ -293,10 +307,26 @@ def recover_one(args, key: str) -> None:
         "seconds": res.seconds,
         "trainable_params": res.trainable_params,
         "peak_memory_mib": res.peak_memory_mib,
-        "ppl": window_perplexity(model, test),
     }
+    if args.defer_eval:  # the caller holds the lock: score later, niced (--phase recover_eval)
+        model.save_pretrained(args.out / "recovered_models" / key)
+    else:
+        os.nice(19)
+        torch.set_num_threads(args.threads)
+        rec["ppl"] = window_perplexity(model, load_data(args.data, "test")[1])
     save_json(path, rec)
     print(json.dumps(rec), flush=True)
+
+
+def recover_eval(args) -> None:
+    """Score the recovered models saved by ``--defer_eval`` runs on the test part."""
+    torch.set_num_threads(args.threads)
+    _, test = load_data(args.data, "test")
+    for path in sorted((args.out / "recovered").glob("*.json")):
+        rec = json.loads(path.read_text())
+        if "ppl" not in rec:
+            rec["ppl"] = window_perplexity(load_saved(args.out / "recovered_models" / rec["key"]), test)
+            save_json(path, rec)
 
 
 def child(args, *extra: str, nice: bool = True) -> subprocess.Popen:
@@ -308,18 +338,20 @@ def _forward(args) -> list[str]:
     keys = ("model", "data", "out", "rows", "threads", "speed_threads", "recover_rows", "recover_seconds")
     keys += ("recover_batch", "recover_windows", "max_seq_length", "lock", "unstructured_at", "lrs")
     keys += ("save_at",)
-    keys += ("lr_seconds", "lr_row")
+    keys += ("lr_seconds", "lr_row", "shapes")
     out = []
     for k in keys:
         v = getattr(args, k)
-        if v not in (None, ""):
-            out += [f"--{k}", str(v)]
+        if v is not None and (v != "" or k == "lock"):  # an empty lock means "held by the caller"
+            out.append(f"--{k}={v}")
     return out + ["--sparsities", ",".join(map(str, args.fractions))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--phase", default="all", choices=["all", "prune", "lr", "speed", "recover", "render"])
+    ap.add_argument(
+        "--phase", default="all", choices=["all", "prune", "lr", "speed", "recover", "recover_eval", "render"]
+    )
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", type=Path, default=Path("bench_out/structured/data"))
     ap.add_argument("--out", type=Path, default=Path("bench_out/structured"))
@@ -333,6 +365,7 @@ def main() -> None:
     ap.add_argument("--unstructured_at", type=float, default=0.3, help="the sparsity whose child adds it")
     ap.add_argument("--lock", default=LOCK, help="lock file of timed runs ('' = none)")
     ap.add_argument("--speed_threads", type=int, default=1)
+    ap.add_argument("--shapes", default="30:1536:1,24:1272:3", help="more layers:width:kv shapes to time")
     ap.add_argument("--prefill_batch", type=int, default=4)
     ap.add_argument("--prefill_length", type=int, default=256)
     ap.add_argument("--new_tokens", type=int, default=64)
@@ -349,6 +382,7 @@ def main() -> None:
     ap.add_argument("--dense_one", action="store_true", help=argparse.SUPPRESS)  # child: the dense row
     ap.add_argument("--lr_one", action="store_true", help=argparse.SUPPRESS)  # child: choose the lr
     ap.add_argument("--recover_one", help=argparse.SUPPRESS)  # child: recover one row
+    ap.add_argument("--defer_eval", action="store_true", help="recovery: save, score later (recover_eval)")
     ap.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = ap.parse_args()
     args.fractions = [float(s) for s in args.sparsities.split(",")]
@@ -373,12 +407,16 @@ def main() -> None:
         for p in running:
             p.wait()
     if args.phase in ("all", "lr"):
-        child(args, "--lr_one").wait()
+        child(args, "--lr_one", nice=False).wait()
     if args.phase in ("all", "speed"):
         speed(args)
     if args.phase in ("all", "recover"):
         for key in filter(None, args.recover_rows.split(",")):
-            child(args, "--recover_one", key, nice=False).wait()
+            child(
+                args, "--recover_one", key, *(["--defer_eval"] if args.defer_eval else []), nice=False
+            ).wait()
+    if args.phase == "recover_eval":
+        recover_eval(args)
     text = render(load_results(args.out))
     print(text)
     if args.write:
@@ -430,9 +468,8 @@ def render(res: dict[str, Any]) -> str:
         if "error" in row:
             lines.append(f"| {row['target']:.0%} | {row['label']} | refused: {row['error']} | | | | | |")
             continue
-        up = ups.get(
-            row["key"], {"prefill": 1.0, "decode": 1.0} if row["structure"] == "unstructured" else {}
-        )
+        same_as_dense = row["structure"] == "unstructured"
+        up = ups.get(shape_key(row["config"]), {"prefill": 1.0, "decode": 1.0} if same_as_dense else {})
         cells = [f"{up[k]:.2f}" if k in up else "–" for k in ("prefill", "decode")]
         removed = "50 % of Linear weights zeroed" if row["structure"] == "unstructured" else (
             f"{row['block_params_removed']:.1%}")  # fmt: skip
@@ -440,6 +477,11 @@ def render(res: dict[str, Any]) -> str:
             f"| {row['target']:.0%} | {row['label']} | {removed} | {_shape(row['config'])} | "
             f"{row['ppl']:.2f} | {cells[0]} | {cells[1]} | {row['file_mib']:.0f} |"
         )
+    if ups:
+        timed = "; ".join(
+            f"{k} → {v['prefill']:.2f} / {v['decode']:.2f}" for k, v in sorted(ups.items()) if k != "dense"
+        )
+        lines += ["", f"Every timed shape (layers:MLP:KV heads → prefill / decode speed-up): {timed}."]
     best = {}
     for row in rows:
         if "error" in row or row["structure"] in ("unstructured", "heads"):
@@ -478,6 +520,8 @@ def render(res: dict[str, Any]) -> str:
         ]
         by_key = {r["key"]: r for r in rows if "key" in r}
         for key, rec in recovered.items():
+            if "ppl" not in rec:
+                continue
             before = by_key[key]["ppl"]
             closed = (before - rec["ppl"]) / (before - dense["ppl"])
             lines.append(
