@@ -31,7 +31,8 @@ from llmprune.recovery.train import TrainSettings, make_adamw
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adafactor")
-#: the default learning rate (chosen on validation text: docs/benchmarks.md, structured section)
+#: the usual full fine-tuning rate for a model of this size; not yet chosen on validation text (the sweep
+#: is ``scripts/bench_structured.py --phase lr``, which did not get the timed lock in its session)
 FULL_LR = 1e-4
 
 
