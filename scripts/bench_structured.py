@@ -447,14 +447,26 @@ def render(res: dict[str, Any]) -> str:
     dense, speed, lr, recovered = res["dense"], res["speed"] or {}, res["lr"], res["recovered"]
     st = speed.get("settings", {})
     ups = speed.get("speedup", {})
-    lines = [
+    head = (
         "Model `smollm2-135m`; calibration `calib.pt` (16×256 windows of the built-in calibration text, "
-        "seed 0); perplexity on `test.pt` (16×256 windows of the test part, *Pride and Prejudice*); the "
-        "learning rate of `--recover full` chosen on `valid.pt` (*Emma*). Speed: prefill "
-        f"{st.get('prefill_batch')}×{st.get('prefill_length')} (last-position logits) and greedy decode of "
-        f"{st.get('new_tokens')} tokens at batch 1, every shape timed alternately with the dense model in "
-        f"one process under the timed lock, medians of {st.get('repeats')} rounds, {st.get('threads')} "
-        "thread(s) on the shared 2-core CPU. `python scripts/bench_structured.py --phase all --write`.",
+        "seed 0); perplexity on `test.pt` (16×256 windows of the test part, *Pride and Prejudice*)"
+        + ("; the learning rate of `--recover full` chosen on `valid.pt` (*Emma*). " if lr else ". ")
+    )
+    if speed:
+        head += (
+            f"Speed: prefill {st['prefill_batch']}×{st['prefill_length']} (last-position logits) and greedy "
+            f"decode of {st['new_tokens']} tokens at batch 1, every shape timed alternately with the dense "
+            f"model in one process under the timed lock, medians of {st['repeats']} rounds, "
+            f"{st['threads']} thread(s) on the shared 2-core CPU. "
+            "`python scripts/bench_structured.py --phase all --write`."
+        )
+    else:
+        head += (
+            "Speed: not measured in this run (`--phase speed` did not get the timed lock), `–` below. "
+            "`python scripts/bench_structured.py --phase prune`, then `--phase render --write`."
+        )
+    lines = [
+        head,
         "",
         "| target | structure · method | block params removed | shape (layers, MLP, KV heads) | ppl | "
         "prefill × | decode × | file MiB |",
