@@ -80,3 +80,18 @@ def test_larger_models_still_check_width_alone_and_depth_alone(monkeypatch) -> N
     full = 2  # depth alone: round(0.3 * 6) blocks
     assert (0, 0) in tried and (full, 0) in tried
     assert result.counts["blocks"] == 1 and result.counts["kv_groups"] == 0  # the fake loss's optimum
+
+
+def test_the_angular_span_is_a_candidate(monkeypatch) -> None:
+    """Depth alone is also tried as Gromov et al.'s span, the one ``--structure depth --method angular``
+    drops on the same windows (the statistics windows: auto holds the last quarter out)."""
+    from llmprune.structured.pipeline import _choose_blocks, _depth_scores
+
+    monkeypatch.setattr(auto, "EXHAUSTIVE", 0)
+    model = llama(6)
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    result = shrink(model, ids, sparsity=0.3)
+    full = 2  # round(0.3 * 6) blocks
+    expected = _choose_blocks("angular", _depth_scores(model, ids[:6], full, 8, True, False), full)
+    spans = [r["dropped"] for r in result.search if r["blocks"] == full and r["kv_groups"] == 0]
+    assert expected in spans
