@@ -314,7 +314,7 @@ def test_rank_zero_trains_only_norms_and_biases() -> None:
     assert_sparsity_kept(model, keep)
 
 
-@pytest.mark.parametrize("method", ["perp", "lift"])
+@pytest.mark.parametrize("method", ["perp", "lift", "full"])
 @pytest.mark.parametrize("failure", ["interrupted", "diverged"])
 def test_a_failed_run_gives_the_model_back_unchanged(method: str, failure: str) -> None:
     """PERP drops its adapters; LIFT, which trains weights in place, restores them (before: it left the

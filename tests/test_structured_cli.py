@@ -65,6 +65,11 @@ def test_cli_refuses_bad_structured_requests_before_loading(tiny_checkpoint, tmp
     assert code == 2 and "does not apply to --structure width" in capsys.readouterr().err
     code = main(_args(folder, text, "--structure", "width", "--ignore", "mlp.down_proj"))
     assert code == 2 and "select Linears to mask" in capsys.readouterr().err
+    code = main(_args(folder, text, "--structure", "depth", "--streaming"))
+    assert code == 2 and "rebuilds the whole model in memory" in capsys.readouterr().err
+    code = main(_args(folder, text, "--structure", "depth", "--checkpoint_dir", str(tmp_path / "ck")))
+    assert code == 2 and "no partial state to resume" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()
 
 
 def test_recipe_structure_key_round_trips():

@@ -52,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--bench", action="store_true", help="--structure: time prefill/decode against the dense model"
     )
     g = p.add_argument_group("recovery")
-    g.add_argument("--recover", choices=["perp", "lift"], help="retrain a tiny subset after pruning")
+    g.add_argument(
+        "--recover", choices=["perp", "lift", "full"], help="retrain after pruning (full: every weight)"
+    )
     g.add_argument("--recover_steps", type=int, help="optimiser steps (default 100; reconstruct: per block)")
     g.add_argument("--recover_max_seconds", type=float, help="stop recovery after this long")
     g.add_argument("--lr", type=float, help="recovery learning rate (default: the method's)")

@@ -31,7 +31,11 @@ def check_structured_run(args: argparse.Namespace, recipe) -> None:
             "memory. Fix: drop --streaming (structured pruning of the embedded model needs < 2 GB)."
         )
     if getattr(args, "resume", False) or getattr(args, "checkpoint_dir", None):
-        raise ConfigError("--resume/--checkpoint_dir are not supported with --structure yet: drop them.")
+        raise ConfigError(
+            "--resume/--checkpoint_dir continue a masked prune block by block; a structured run decides from "
+            "every block's statistics at once (the block ranking, auto's split), so it has no partial "
+            "state to resume. Fix: drop them (a structured prune of the embedded model takes minutes)."
+        )
     given = [k for k in _MASK_ONLY if getattr(recipe.prune, k)]
     if given:
         raise ConfigError(

@@ -56,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
     g = p.add_argument_group("recovery")
-    g.add_argument("--method", choices=["perp", "lift"], help="perp (default): LoRA+norms+biases; lift")
+    g.add_argument(
+        "--method", choices=["perp", "lift", "full"], help="perp (default): LoRA+norms+biases; lift; full"
+    )
     g.add_argument(
         "--mode",
         choices=["retrain", "reconstruct"],

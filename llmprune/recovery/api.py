@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.preflight import check_teacher, check_typed
 from llmprune.recovery import blockwise, masking
+from llmprune.recovery.full import FULL_LR, FullOptions, FullSession
 from llmprune.recovery.heap import reuse_freed_memory
 from llmprune.recovery.lift import LiftOptions, LiftSession
 from llmprune.recovery.losses import retraining_loss
@@ -29,12 +30,13 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, tuple[type, type]] = {
     "perp": (PerpOptions, PerpSession),
     "lift": (LiftOptions, LiftSession),
+    "full": (FullOptions, FullSession),
 }
 MODES = ("retrain", "reconstruct")
 #: best of a sweep on SmolLM2-135M, 50 % magnitude, 10 CPU minutes, 4 x 256-token windows per step
 #: (held-out ppl 381.7 pruned, 28.9 dense): perp 1e-3/3e-3/1e-2 -> 81.5/71.8/87.8;
 #: lift 1e-4/1e-3/3e-3 -> 189.8/89.5/77.1. Short recoveries want higher rates than the papers' long runs.
-DEFAULT_LR = {"perp": 3e-3, "lift": 3e-3}
+DEFAULT_LR = {"perp": 3e-3, "lift": 3e-3, "full": FULL_LR}
 
 
 def method_options(method: str) -> dict[str, Any]:
@@ -146,6 +148,11 @@ def recover(
         raise ConfigError(
             f"unknown recovery mode {mode!r}{did_you_mean(mode, MODES)}: use retrain or reconstruct."
         )
+    if mode == "reconstruct" and method not in blockwise.DEFAULT_LR:
+        raise ConfigError(
+            f"method {method!r} trains the whole model and has no block-wise form: use mode='retrain' "
+            f"with it, or mode='reconstruct' with {' or '.join(blockwise.DEFAULT_LR)}."
+        )
     if mode == "reconstruct" and dense_model is None:
         raise ConfigError(
             "mode='reconstruct' needs dense_model=<a dense copy of the model> to take targets from."
@@ -186,7 +193,7 @@ def recover(
     check_typed(allowed, options, f"recovery method {method!r}", "option")
     method_opts = opt_cls(**options)
     targets = masking.resolve_targets(model, keep_masks)
-    if not targets:
+    if not targets and method != "full":
         log.warning("no pruned Linear found in the decoder blocks: only norms/biases can be recovered")
     bad = list(masking.violations(targets))
     if bad:
@@ -312,5 +319,5 @@ def _retrain(
     params = session.parameters()
     if not params:
         raise ConfigError("nothing to train: the model has no pruned Linear, norm or bias to recover.")
-    desc = "PERP" if isinstance(session, PerpSession) else "LIFT"
+    desc = type(session).__name__.removesuffix("Session").upper()
     return run(loss_fn, batches, session.optimizer(params, settings), settings, on_step=on_step, desc=desc)

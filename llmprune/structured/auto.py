@@ -6,6 +6,8 @@ The error proxy (``plan.allocate``) proposes; the calibration loss decides (see 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,12 +25,24 @@ from llmprune.structured.edits import (
 )
 from llmprune.structured.passes import InputStats, block_pass, measure_block
 from llmprune.structured.plan import Allocation, Costs, allocate, counts_for
+from llmprune.structured.scores import angular_distance, token_cosines
 
 log = logging.getLogger(__name__)
 
 
 #: dense statistics kept for auto's candidate checks above this size are skipped (the proxy decides)
 _AUTO_STATS_BUDGET = 2 * 2**30
+#: at most this many (dropped blocks, removed groups) pairs: auto checks every one of them
+EXHAUSTIVE = 12
+
+
+def _heads_alone(fraction: float, c: Costs, g_max: int) -> int:
+    """Key-value groups per block that remove ``fraction`` by heads alone (0: heads cannot reach it)."""
+    try:
+        g = counts_for("heads", fraction, c).kv_groups if g_max else 0
+    except ConfigError:
+        return 0
+    return g if g <= g_max else 0
 
 
 def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress):
@@ -40,6 +54,8 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
     (dense-statistics refit, dropped blocks skipped by a hook) and scored by the LM loss on a quarter of
     the calibration windows (at most 8) held out of the statistics, because a sum of per-block errors
     misjudges how dropped blocks compound and a refit judged on its own windows flatters itself.
+    Each structure alone is always a candidate, depth alone twice: the blocks of least residual error
+    and the span of least angular distance (Gromov et al.), measured in the same pass.
     """
     need = (
         counts_for("width", min(fraction, 0.95), c, 1).channels
@@ -57,9 +73,23 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
     o_width = int(heads.numel()) if g_max else 0
     keep_stats = 4 * c.num_blocks * (c.width**2 + o_width**2) <= _AUTO_STATS_BUDGET  # fp32 Hessians
     dense_stats: list[dict[str, InputStats]] = []
+    full = (
+        counts_for("depth", fraction, c).blocks if fraction * c.total < (c.num_blocks - 0.5) * c.block else 0
+    )
+    window: deque[list[Tensor]] = deque(maxlen=full + 1)  # hidden states at span ends (Gromov et al.)
+    spans: dict[int, float] = {}  # first block of a span of `full` blocks -> its angular distance
 
     def visit(i: int, block: nn.Module, inputs) -> list:
+        if full and i == 0:
+            window.append(list(inputs.hidden))
         st, outs = measure_block(block, i, inputs, taps)
+        if full:
+            window.append(outs)
+            if len(window) == full + 1:
+                cos = sum(
+                    float(token_cosines(a, b).sum()) for a, b in zip(window[0], window[-1], strict=True)
+                )
+                spans[i + 1 - full] = angular_distance(cos, st.num_tokens)
         scale = max(st.out_scale, 1e-30)
         scores.append(block_score(st))
         residual = (opts["depth_method"] or "residual") == "residual"
@@ -87,16 +117,16 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
     proxy = allocate(*args)
     if not keep_stats or "depth" not in layout.structures:
         return proxy, scores, []
-    full = (
-        counts_for("depth", fraction, c).blocks if fraction * c.total < (c.num_blocks - 0.5) * c.block else 0
-    )
-    tried: dict[tuple[int, int], Allocation] = {}
+    tried: dict[tuple[int, int, tuple[int, ...]], Allocation] = {}
     search: list[dict[str, Any]] = []
 
+    def key(alloc: Allocation) -> tuple[int, int, tuple[int, ...]]:
+        return alloc.counts.blocks, alloc.counts.kv_groups, tuple(alloc.blocks)
+
     def consider(alloc: Allocation | None) -> None:
-        if alloc is None or (alloc.counts.blocks, alloc.counts.kv_groups) in tried:
+        if alloc is None or key(alloc) in tried:
             return
-        tried[(alloc.counts.blocks, alloc.counts.kv_groups)] = alloc
+        tried[key(alloc)] = alloc
         loss = _candidate_loss(model, layout, alloc, orders, dense_stats, heads, eval_ids, opts)
         search.append({**vars(alloc.counts), "dropped": alloc.blocks, "proxy": alloc.error, "loss": loss})
         log.info("auto candidate %s: calibration loss %.4f (proxy %.4g)", alloc.counts, loss, alloc.error)
@@ -107,15 +137,35 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
         except ConfigError:  # nothing with exactly these counts fits the budget
             return None
 
-    # coordinate search: the depth budget first (groups as the proxy likes), then the groups at the best depth
-    consider(proxy)
-    for d in sorted({0, full // 3, (2 * full) // 3, full}):
-        consider(proposal(blocks=d))
+    max_blocks = c.num_blocks - 1
+    if (max_blocks + 1) * (g_max + 1) <= EXHAUSTIVE:  # small models: every split
+        for d in range(max_blocks + 1):
+            for g in range(g_max + 1):
+                consider(proposal(blocks=d, groups=g))
+    else:
+        # each structure alone, so auto is never worse than the best of them on this loss; then a coordinate
+        # search: the depth budget first (groups as the proxy likes), then the groups at the best depth
+        consider(proxy)
+        consider(proposal(blocks=0, groups=0))  # width alone
+        depth_alone = proposal(blocks=full, groups=0)  # depth alone (channels only to round the size)
+        consider(depth_alone)
+        if depth_alone is not None and spans:  # the same count as the span of least angular distance
+            start = min(spans, key=lambda j: (spans[j], j))
+            span, k = list(range(start, start + full)), depth_alone.counts.channels
+            proxy_error = sum(w[k] for w in wcurves) + sum(block_err[i] - wcurves[i][k] for i in span)
+            consider(replace(depth_alone, blocks=span, error=proxy_error))
+        alone = _heads_alone(fraction, c, g_max)
+        if alone:
+            consider(proposal(blocks=0, groups=alone))
+        for d in sorted({0, full // 3, (2 * full) // 3, full}):
+            consider(proposal(blocks=d))
+        best = min(search, key=lambda r: (r["loss"], r["blocks"]))
+        for g in range(g_max + 1):
+            consider(proposal(blocks=best["blocks"], groups=g))
+    if not search:
+        return proxy, scores, []
     best = min(search, key=lambda r: (r["loss"], r["blocks"]))
-    for g in range(g_max + 1):
-        consider(proposal(blocks=best["blocks"], groups=g))
-    best = min(search, key=lambda r: (r["loss"], r["blocks"]))
-    return tried[(best["blocks"], best["kv_groups"])], scores, search
+    return tried[(best["blocks"], best["kv_groups"], tuple(best["dropped"]))], scores, search
 
 
 def _skip_block(_module, args, kwargs, output):
