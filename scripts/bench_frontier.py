@@ -8,7 +8,8 @@ Every setting is the code's default, chosen on the validation part beforehand
 (``scripts/choose_defaults.py``); this script scores the *test* part (Pride and Prejudice) only. Each
 run is a fresh process (own peak RSS) whose record keeps the allocation settings it used; results
 accumulate in ``bench_out/frontier.json`` so an interrupted sweep resumes. Runs are ordered by what the
-issue asks first: uniform at 70 %, 2:4 and 50 %, then the allocations there, then 60 % and 80 %.
+issue asks first: uniform at the first three sparsities given (70 %, 2:4, 50 %), then each allocation
+there in the order given, then the other sparsities; methods in the order given.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def main() -> None:
             if ":" not in sparsity:  # allocations spread unstructured sparsity only
                 rows += [(method, sparsity, {"allocation": x}) for x in a.allocations.split(",") if x]
     rank = {s: i for i, s in enumerate(sparsities)}
-    jobs = sorted(rows, key=lambda r: (rank[r[1]] >= 3, "allocation" in r[2], rank[r[1]]))
+    kinds = ["uniform", *a.allocations.split(",")]
+    jobs = sorted(
+        rows, key=lambda r: (rank[r[1]] >= 3, kinds.index(r[2].get("allocation", "uniform")), rank[r[1]])
+    )
     if not a.table_only:
         list(pool.map(lambda job: sweep.run(*job), jobs))
         dense.result()

@@ -4,6 +4,7 @@
     python scripts/peers/run_reference.py alps 2:4
     python scripts/peers/run_reference.py owl-wanda 0.7                # luuyin/OWL, Wanda + OWL
     python scripts/peers/run_reference.py owl-sparsegpt 0.7            # luuyin/OWL, SparseGPT + OWL
+    python scripts/peers/run_reference.py alps-layers 0.7 --blocks 8,24  # ALPS's layer solver vs ours
 
 The reference sources are read from a local git mirror at a pinned commit (``--repo``, default
 ``/work/.mirror/<owner>+<name>/repo``; the ``fetch`` tool or ``git clone --mirror`` makes one), copied
@@ -22,6 +23,11 @@ the paper's). The driver only replaces their C4/WikiText loaders by our ``calib.
 call, and scores with ``bench_common.window_perplexity`` on ``test.pt`` — the loop of every llmprune row
 — so the only difference between rows is the pruning. OWL has no N:M allocation: its ``2:4`` row is the
 repo's own Wanda (``prune_wanda``) at 2:4. The record goes to ``--out/<peer>_<sparsity>.json``.
+
+``alps-layers`` is the affordable side-by-side on a busy CPU: the reference's ``ALPS_prune.ALPS_admm`` and
+llmprune's ``alps`` (and ``sparsegpt``) prune the Linears of the given blocks of the dense model from the
+same calibration Hessians; the relative layer loss ``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` is measured on the
+Hessians of the test windows, and the CPU seconds of each solve are summed.
 """
 
 from __future__ import annotations
@@ -163,18 +169,67 @@ def prune(peer: str, sparsity: str, model, calib: torch.Tensor, src: Path) -> No
         prune_all.prune_sparsegpt_outlier(args, model, None, cpu)
 
 
+def compare_layers(a: argparse.Namespace, repo: Path, model, calib, test) -> dict:
+    """The reference's ALPS layer solver against llmprune's on the same Hessians (see the docstring)."""
+    from choose_defaults import _layer_hessians
+
+    from llmprune.registry import get_solver
+    from llmprune.solvers.types import LayerProblem, LayerStats, reconstruction_error
+    from llmprune.spec import SparsitySpec
+
+    blocks = [int(b) for b in a.blocks.split(",")]
+    layers = _layer_hessians(model, calib, test, blocks)  # "valid" entries are the test windows' here
+    n, m = (int(v) for v in a.sparsity.split(":")) if ":" in a.sparsity else (0, 0)
+    ratio = n / m if m else float(a.sparsity)
+    totals: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        patches = checkout("alps", repo, Path(tmp))
+        sys.path.insert(0, tmp)
+        reference = importlib.import_module("alps")
+        for name, layer in layers.items():
+            w, h_cal, h_test = layer["weight"], layer["calib"], layer["valid"]
+            news = {}
+            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            linear.weight.data = w.clone()
+            pruner = reference.ALPS_prune(linear, nsamples=calib.shape[0], seqlen=calib.shape[1])
+            pruner.XtX = h_cal.clone().float()  # their sum of x xᵀ; the scale cancels in their normalisation
+            cpu = time.process_time()
+            pruner.ALPS_admm(sp=ratio, nm_n=n, nm_m=m, rho=0.1)
+            news["ALPS (reference)"] = (linear.weight.data.clone(), time.process_time() - cpu)
+            problem = LayerProblem(name, w, LayerStats(hessian=h_cal), SparsitySpec.parse(a.sparsity))
+            for method in ("alps", "sparsegpt"):
+                cpu = time.process_time()
+                news[f"llmprune {method}"] = (get_solver(method)(problem).weight, time.process_time() - cpu)
+            energy = reconstruction_error(w, torch.zeros_like(w), h_test)
+            for label, (new, seconds) in news.items():
+                t = totals.setdefault(label, [0.0, 0.0])
+                t[0] += reconstruction_error(w, new, h_test) / energy / len(layers)
+                t[1] += seconds
+            print(name, {k: round(v[0], 5) for k, v in totals.items()}, file=sys.stderr, flush=True)
+    return {
+        "sparsity": a.sparsity,
+        "blocks": blocks,
+        "test_loss": {k: v[0] for k, v in totals.items()},
+        "solve_cpu_s": {k: v[1] for k, v in totals.items()},
+        "patches": patches,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("peer", choices=("alps", "owl-wanda", "owl-sparsegpt"))
+    p.add_argument("peer", choices=("alps", "owl-wanda", "owl-sparsegpt", "alps-layers"))
     p.add_argument("sparsity", help="a fraction (0.7) or N:M (2:4)")
     p.add_argument("--repo", type=Path, default=None, help="git dir of the reference (a mirror)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path("bench_out/data16"))
     p.add_argument("--out", type=Path, default=Path("bench_out/peers"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--blocks", default="8,24", help="alps-layers: the decoder blocks whose Linears are compared"
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    family = "alps" if a.peer == "alps" else "owl"
+    family = "alps" if a.peer.startswith("alps") else "owl"
     owner_name = REPOS[family][0]
     repo = a.repo or Path("/work/.mirror") / owner_name.replace("/", "+") / "repo"
     if not repo.exists():
@@ -184,6 +239,12 @@ def main() -> None:
 
     calib, test = bench.load_data(a.data)
     model, _ = llmprune.load_model(a.model)
+    if a.peer == "alps-layers":
+        record = compare_layers(a, repo, model, calib, test)
+        a.out.mkdir(parents=True, exist_ok=True)
+        bench.save_json(a.out.parent / f"alps_layers_{a.sparsity.replace(':', 'of')}.json", record)
+        print(json.dumps({k: v for k, v in record.items() if k != "patches"}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         patches = checkout(family, repo, Path(tmp))
         cpu = time.process_time()
