@@ -109,12 +109,16 @@ def run_one(
     part; with ``valid``, ``ppl_valid`` on the validation part too, for choosing settings)."""
     torch.set_num_threads(threads)
     rec: dict[str, Any] = {"method": method, "sparsity": sparsity, "options": options, "threads": threads}
+    cpu = time.process_time()  # includes the model load, a few hundred ms
     model, result, rec["prune_s"] = prune_fixed(model_name, data, method, sparsity, options)
+    rec["prune_cpu_s"] = time.process_time() - cpu  # load-robust with one thread (no waiting counted)
     rec["rss_peak_after_prune_mib"] = peak_rss_mib()
     rec["achieved_sparsity"] = result.overall_sparsity
     rec["ppl"] = window_perplexity(model, load_data(data)[1])
     if valid:
         rec["ppl_valid"] = window_perplexity(model, load_data(data, "valid")[1])
+    if result.allocation:  # the settings a non-uniform allocation ran with (they are code defaults)
+        rec["allocation_options"] = result.allocation.get("options", {})
     rec["block_recon_error_mean"] = sum(b.recon_error for b in result.blocks) / max(1, len(result.blocks))
     return rec
 
@@ -125,8 +129,11 @@ def run_dense(model_name: str, data: Path, threads: int) -> dict:
     torch.set_num_threads(threads)
     calib, ev = load_data(data)
     model, _ = llmprune.load_model(model_name)
+    cpu = time.process_time()
+    fwd = dense_forward_seconds(model, calib)
     return {
-        "dense_fwd_s": dense_forward_seconds(model, calib),
+        "dense_fwd_s": fwd,
+        "dense_fwd_cpu_s": time.process_time() - cpu,
         "ppl": window_perplexity(model, ev),
         "calib_shape": list(calib.shape),
         "eval_shape": list(ev.shape),

@@ -274,6 +274,7 @@ def test_dense_spec_and_missing_hessian():
         {"max_iterations": -1},
         {"update_every": 0},
         {"scope": "rows"},
+        {"warm_start": "wanda"},
         {"dampening_frac": -1},
     ],
 )
@@ -318,3 +319,44 @@ def test_prune_with_alps_through_the_engine(token_ids, sparsity):
     assert result.overall_sparsity == pytest.approx(0.5)
     with torch.no_grad():
         assert torch.isfinite(model(token_ids[:1]).logits).all()
+
+
+# ---------------------------------------------------------------- speed paths
+
+
+@pytest.mark.parametrize("spec", [0.6, "2:4"])
+def test_sparsegpt_start_is_feasible_and_never_worse_than_sparsegpt(spec):
+    """The warm start begins at SparseGPT's point; with no ADMM step it is SparseGPT's mask, re-fitted
+    (a refit can only lower the loss on a fixed support), and with ADMM steps it stays feasible."""
+    problem = _problem(8, 32, spec, seed=4, tokens=128)
+    sgpt = get_solver("sparsegpt")(problem)
+    refit_only = get_solver("alps")(problem, warm_start="sparsegpt", max_iterations=0, min_iterations=0)
+    assert torch.equal(refit_only.keep, sgpt.keep)
+    assert _loss(problem, refit_only) <= _loss(problem, sgpt) + 1e-6
+    warm = get_solver("alps")(problem, warm_start="sparsegpt")
+    assert int(warm.keep.sum()) == int(sgpt.keep.sum())
+    if problem.spec.pattern is not None:
+        assert nm_violations(warm.keep, problem.spec.pattern) == 0
+    assert _loss(problem, warm) <= _loss(problem, sgpt) + 1e-6
+
+
+def test_linears_sharing_a_hessian_share_one_eigendecomposition(monkeypatch):
+    """q/k/v get the same Hessian tensor: one eigh for all; a new or modified Hessian gets its own, and
+    the result equals a solve with nothing cached."""
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda h: calls.append(1) or eigh(h))
+    problem = _problem(8, 16, 0.5, seed=3)
+    other = LayerProblem("k", torch.randn(4, 16), problem.stats, problem.spec)
+    first = get_solver("alps")(problem)
+    get_solver("alps")(other)
+    assert len(calls) == 1
+    fresh = LayerStats.from_inputs(_inputs(64, 16, 3), {HESSIAN})  # equal values, another tensor
+    again = get_solver("alps")(LayerProblem("q", problem.weight, fresh, problem.spec))
+    assert len(calls) == 2
+    assert torch.equal(again.weight, first.weight)
+    fresh.hessian.mul_(2.0)  # modified in place: must not reuse the stale decomposition
+    get_solver("alps")(LayerProblem("q", problem.weight, fresh, problem.spec))
+    assert len(calls) == 3
+    get_solver("alps")(LayerProblem("q", problem.weight, fresh, problem.spec), dampening_frac=0.1)
+    assert len(calls) == 4
