@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.finetune.keep import SparsityHandle
-from llmprune.recovery.train import TrainSettings, make_adamw
+from llmprune.recovery.train import GradFlags, TrainSettings, make_adamw
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class FullSession:
 
     def __init__(self, model: nn.Module, targets: dict[str, tuple[nn.Module, Tensor]], options: FullOptions):
         self.model, self.targets, self.options = model, targets, options
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        self._base_params = list(model.parameters())
+        self._grad_flags = GradFlags(model)
         self._backup: list[tuple[nn.Parameter, Tensor]] = []
         self._keep: SparsityHandle | None = None
         self._trained: list[nn.Parameter] = []
@@ -121,5 +120,4 @@ class FullSession:
             for p, saved in self._backup:
                 p.copy_(saved.to(p.device))
         self._backup = []
-        for p in self._base_params:
-            p.requires_grad_(self._requires_grad.get(id(p), False))
+        self._grad_flags.restore()

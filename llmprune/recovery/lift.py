@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.recovery import masking
-from llmprune.recovery.train import TrainSettings
+from llmprune.recovery.train import GradFlags, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,7 @@ class LiftSession:
 
     def __init__(self, model: nn.Module, targets: dict[str, tuple[nn.Module, Tensor]], options: LiftOptions):
         self.model, self.targets, self.options = model, targets, options
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        self._base_params = list(model.parameters())
+        self._grad_flags = GradFlags(model)
         self._keep: dict[int, Tensor] = {}  # id(weight) -> keep in weight layout
         self.indices: dict[str, Tensor] = {}  # name -> current selection
         self._names: dict[int, str] = {}
@@ -253,5 +252,4 @@ class LiftSession:
             for weight, saved in getattr(self, "_backup", []):
                 weight.copy_(saved.to(weight.device))
         self._backup = []
-        for p in self._base_params:
-            p.requires_grad_(self._requires_grad.get(id(p), False))
+        self._grad_flags.restore()

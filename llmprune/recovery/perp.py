@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.recovery import masking
-from llmprune.recovery.train import TrainSettings, make_adamw
+from llmprune.recovery.train import GradFlags, TrainSettings, make_adamw
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ class PerpSession:
 
     def __init__(self, model: nn.Module, targets: dict[str, tuple[nn.Module, Tensor]], options: PerpOptions):
         self.model, self.targets, self.options = model, targets, options
-        self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        self._base_params = list(model.parameters())
+        self._grad_flags = GradFlags(model)
         self._backup: list[tuple[nn.Parameter, Tensor]] = []
 
     def attach(self) -> None:
@@ -213,7 +212,7 @@ class PerpSession:
             bias = getattr(module, "bias", None)
             if self.options.train_biases and isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
-        base = {id(p) for p in self._base_params}  # norms and biases are trained in place: keep a copy
+        base = {id(p) for p in self._grad_flags.params}  # norms and biases are trained in place: keep a copy
         self._backup = [(p, p.detach().clone()) for p in self.parameters() if id(p) in base]
 
     def parameters(self, scope: nn.Module | None = None) -> list[nn.Parameter]:
@@ -247,8 +246,7 @@ class PerpSession:
         if not merge:
             for p, saved in self._backup:
                 p.copy_(saved)
-        for p in self._base_params:
-            p.requires_grad_(self._requires_grad.get(id(p), False))
+        self._grad_flags.restore()
 
 
 def _conv1d_mapping(cls: type) -> dict[type, type]:

@@ -71,6 +71,19 @@ class LoopResult:
     seconds: float = 0.0
 
 
+class GradFlags:
+    """The model's ``requires_grad`` flags when a session attaches, put back when it finishes: a session
+    freezes everything, then unfreezes what it trains, and must leave the caller's flags as they were."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = list(model.parameters())
+        self._flags = [p.requires_grad for p in self.params]
+
+    def restore(self) -> None:
+        for p, flag in zip(self.params, self._flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def make_adamw(params: Iterable[Tensor], settings: TrainSettings) -> torch.optim.Optimizer:
     """``torch.optim.AdamW``, or bitsandbytes' 8-bit AdamW (moments in 8 bits: 4x less optimiser memory)."""
     params = list(params)
