@@ -359,3 +359,55 @@ def test_torchrun_prunes_eight_windows_at_the_default_batch_size(tmp_path, tiny_
         assert done.returncode == 0, done.stderr[-3000:]
     for name in ("model.safetensors", "masks.safetensors"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+RESUME_CASE = dict(
+    method="sparsegpt", sparsity=0.5, true_sequential=True, num_calibration_samples=10, batch_size=3
+)
+
+
+def _resume_worker(rank: int, world: int, init_file: str, ckpt: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        record = _run(dict(RESUME_CASE, checkpoint_dir=ckpt, resume=True))
+        if rank == 0:
+            torch.save(record, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_run_killed_in_one_process_resumes_in_two_with_the_same_bits(tmp_path, monkeypatch):
+    """The saved activations were cut at one process's batches (0-2, 3-5, ...); two ranks read them back
+    for their own shares (0-7 and 8-9) and finish the run as if it had never stopped."""
+    from llmprune.calibration import resume
+
+    straight = _single(RESUME_CASE)
+    ckpt = tmp_path / "progress"
+    real = resume.Progress.save_block
+
+    def save_then_die(self, index, *args, **kwargs):
+        real(self, index, *args, **kwargs)
+        if index == 0:
+            raise RuntimeError("killed after block 0")
+
+    with monkeypatch.context() as m:
+        m.setattr(resume.Progress, "save_block", save_then_die)
+        with pytest.raises(RuntimeError, match="killed"):
+            _single(dict(RESUME_CASE, checkpoint_dir=str(ckpt)))
+    saved = sorted(p.name for p in (ckpt / "hidden-00001").glob("s*.pt"))
+    assert saved == ["s000000.pt", "s000003.pt", "s000006.pt", "s000009.pt"]
+    mp.spawn(
+        _resume_worker,
+        args=(2, str(tmp_path / "rendezvous"), str(ckpt), str(tmp_path / "two.pt")),
+        nprocs=2,
+        join=True,
+    )
+    resumed = torch.load(tmp_path / "two.pt")
+    assert 0 < len(resumed["stats"]) < len(straight["stats"]), "the finished blocks were restored"
+    assert resumed["stats"] == straight["stats"][-len(resumed["stats"]) :]
+    for key in ("masks", "state"):
+        assert straight[key].keys() == resumed[key].keys()
+        assert all(torch.equal(v, resumed[key][k]) for k, v in straight[key].items()), key
+    assert straight["errors"] == resumed["errors"]
+    assert straight["layer_errors"] == resumed["layer_errors"]

@@ -5,6 +5,7 @@ The reference is the same engine run straight through; equality is exact (weight
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -52,11 +53,11 @@ def _model(seed: int = 0):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _run(model, method: str, sparsity="0.5", **cfg) -> PruneResult:
+def _run(model, method: str, sparsity="0.5", batch_size: int = 2, **cfg) -> PruneResult:
     config = EngineConfig(
         solver=get_solver(method),
         selection=ModuleSelection.build(sparsity),
-        batch_size=2,
+        batch_size=batch_size,
         progress=False,
         **cfg,
     )
@@ -113,6 +114,36 @@ def test_crash_then_resume_in_memory_is_bit_identical(tmp_path, monkeypatch, met
     resumed = _run(resumed_model, method, checkpoint_dir=str(ckpt), resume=True, **extra)
     assert loads == [3, 4], "finished blocks are restored, not recomputed"
     _assert_same(reference, resumed, straight, resumed_model)
+
+
+@pytest.mark.parametrize("method", [HESSIAN_METHOD, "wanda"])
+def test_resume_with_another_batch_size_is_bit_identical(tmp_path, monkeypatch, method):
+    """Statistics are summed per sample in a fixed order, so a run crashed at batch size 2 and resumed at
+    3 (batches cut across the saved activation files) equals one never interrupted. Before, the batch size
+    was in the fingerprint and the resume was refused."""
+    straight = _model()
+    reference = _run(straight, method, true_sequential=True)
+    ckpt = str(tmp_path / "progress")
+    with monkeypatch.context() as m:
+        _crash_after(m, 1)
+        with pytest.raises(_Crash):
+            _run(_model(), method, checkpoint_dir=ckpt, true_sequential=True)
+    resumed_model = _model()
+    resumed = _run(
+        resumed_model, method, batch_size=4, checkpoint_dir=ckpt, resume=True, true_sequential=True
+    )
+    _assert_same(reference, resumed, straight, resumed_model)
+
+
+def test_batch_size_stays_in_the_fingerprint_where_it_changes_results():
+    model = _model()
+    base = EngineConfig(solver=get_solver("wanda"), selection=ModuleSelection.build("0.5"), batch_size=2)
+    fp = resume.run_fingerprint(base, model, IDS, LAYERS, torch.device("cpu"))
+    assert fp["batch_size"] == "any"
+    fused = dataclasses.replace(base, block_recovery=object())
+    assert resume.run_fingerprint(fused, model, IDS, LAYERS, torch.device("cpu"))["batch_size"] == 2
+    model.config.num_local_experts = 4  # a mixture of experts: routed tokens are summed per batch
+    assert resume.run_fingerprint(base, model, IDS, LAYERS, torch.device("cpu"))["batch_size"] == 2
 
 
 def test_resume_refuses_other_settings_and_needs_consent(tmp_path, monkeypatch):

@@ -18,9 +18,10 @@ streaming mode a block file *is* the output shard, so nothing is written twice. 
 batch are named by the global index of its first sample and re-cut on reading, so a resumed run may
 use a different number of processes (whose shares cut the batches elsewhere).
 
-A settings fingerprint (method, options, selection, batch size, seed, calibration tokens, model config
+A settings fingerprint (method, options, selection, seed, calibration tokens, model config
 and embeddings, dtype, device type, llmprune version) refuses a resume that would mix two runs. The
-number of processes is not in it: results do not depend on it.
+number of processes is not in it, nor the batch size (except with fused block recovery or experts):
+results do not depend on them.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def run_fingerprint(
         "ignore": list(sel.ignore),
         "overrides": {k: str(v) for k, v in sel.overrides.items()},
         "true_sequential": cfg.true_sequential,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size if _batching_matters(cfg, config) else "any",
         "seed": cfg.seed,
         "calibration_hash": tokens_hash(input_ids),
         "calibration_shape": list(input_ids.shape),
@@ -136,6 +137,15 @@ def run_fingerprint(
     }
     normal = json.dumps(fp, sort_keys=True, default=str)
     return json.loads(normal)  # JSON-normal form: compares equal to what a reload gives
+
+
+def _batching_matters(cfg, config: dict[str, Any]) -> bool:
+    """Statistics are summed per sample in a fixed order, so the batch size changes no bit of the result,
+    and a run may resume with another one. Two exceptions keep it in the fingerprint: fused block recovery
+    (one training step per calibration batch) and mixture-of-experts models (tokens routed to an expert
+    cannot be told apart per sample, so their sums follow the batching)."""
+    experts = any("expert" in k and isinstance(v, int) and v > 1 for k, v in config.items())
+    return getattr(cfg, "block_recovery", None) is not None or experts
 
 
 def block_tensors(block: nn.Module, name: str) -> dict[str, Tensor]:

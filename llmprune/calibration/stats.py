@@ -140,6 +140,11 @@ class StatsAccumulator:
             self._term = self._product(x, unit)
         self.num_tokens += x.shape[0]
 
+    def skip(self, unit: int) -> None:
+        """Mark ``unit`` as having no inputs of its own (its rows went to another sample's term), so the
+        units still arrive one after another and every process adds the same terms in the same order."""
+        self.add(torch.zeros(0, self.in_features, device=self.device), unit)
+
     def _next_unit(self) -> int | None:
         if self._term is not None:
             return self._term.hi
