@@ -130,6 +130,7 @@ def prune_one(args, fraction: float) -> None:
                 row.update(
                     block_params_removed=result.block_fraction_removed, counts=result.counts,
                     config=result.config, search=result.search, removal=result.removal.to_dict(),
+                    speed_plan=result.speed,
                 )  # fmt: skip
         except ConfigError as exc:
             row["error"] = str(exc)
@@ -442,6 +443,27 @@ def _shape(cfg: dict[str, Any]) -> str:
     )
 
 
+def _speed_plan(row: dict[str, Any], measured: dict[str, float]) -> list[str]:
+    """What auto's time model predicted for its choice, beside what the speed phase measured."""
+    plan = row.get("speed_plan") or {}
+    if not plan.get("time_model"):
+        return []
+    dec, threads = plan["time_model"]["decode"], plan["time_model"]["measured"]["settings"]["threads"]
+    pred = plan["predicted"]
+    text = (
+        f"Its time model (measured at the start of the run, {threads} thread(s), niced beside the other "
+        f"jobs): decode {1e3 * dec['other']:.1f} ms per token outside the blocks, "
+        f"{1e3 * dec['fixed']:.2f} ms per block + {1e9 * dec['per_param']:.3f} ms per million block "
+        f"weights; target {plan['min_decode_speedup']:g}×, chosen split predicted "
+        f"{pred['decode']:.2f}× decode / {pred['prefill']:.2f}× prefill"
+    )
+    if measured:
+        text += f", measured {measured['decode']:.2f}× / {measured['prefill']:.2f}× (speed phase)"
+    if plan.get("fallback"):
+        text += f". Fallback: {plan['fallback']}"
+    return ["", text + "."]
+
+
 def render(res: dict[str, Any]) -> str:
     """The markdown of docs/benchmarks.md's structured section, from the results folder."""
     dense, speed, lr, recovered = res["dense"], res["speed"] or {}, res["lr"], res["recovered"]
@@ -506,12 +528,16 @@ def render(res: dict[str, Any]) -> str:
         if row.get("search"):
             cands = "; ".join(
                 f"{c['blocks']} blocks + {c['channels']} ch + {c['kv_groups']} KV → {c['loss']:.3f}"
+                + (f" ({c['decode_speedup']:.2f}×)" if "decode_speedup" in c else "")
                 for c in sorted(row["search"], key=lambda c: c["loss"])
             )
             lines += [
                 "",
-                f"auto at {row['target']:.0%}, candidates by loss on held-out calibration windows: {cands}.",
+                f"auto at {row['target']:.0%}, candidates by loss on held-out calibration windows"
+                + (" (predicted decode speed-up)" if "decode_speedup" in row["search"][0] else "")
+                + f": {cands}.",
             ]
+            lines += _speed_plan(row, ups.get(shape_key(row["config"]), {}))
     if lr:
         lines += [
             "",
