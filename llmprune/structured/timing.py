@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def shape_variants(model: nn.Module, c: Costs) -> tuple[int, int, dict[str, nn.Module]]:
-    """``(dropped blocks, removed channels, {"half": …, "narrow": …})`` rebuilt from ``model``."""
+    """``(dropped blocks, removed channels, {"half": …, "narrow": …})`` rebuilt from ``model``.
+
+    The two copies hold about 0.8× the model's block weights beside it (plus two embeddings): auto only
+    runs its candidate search, and so this measurement, on models whose statistics fit its 2 GiB budget.
+    """
     dropped = c.num_blocks // 2
     channels = c.width // 2
     kept = range(dropped, c.num_blocks)
