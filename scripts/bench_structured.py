@@ -130,6 +130,7 @@ def prune_one(args, fraction: float) -> None:
                 row.update(
                     block_params_removed=result.block_fraction_removed, counts=result.counts,
                     config=result.config, search=result.search, removal=result.removal.to_dict(),
+                    speed_plan=result.speed,
                 )  # fmt: skip
         except ConfigError as exc:
             row["error"] = str(exc)
@@ -195,7 +196,10 @@ def choose_lr(args) -> None:
     _, valid = load_data(args.data, "valid")
     ids = recovery_windows(tok, args)
     source = args.out / "models" / args.lr_row
-    with timed_lock(args.lock):
+    # a fixed number of steps compares learning rates fairly (the steps a time budget buys varied 6-fold
+    # with the machine's load in one sweep); it is not a wall-clock measurement, so no lock
+    budget = {"steps": args.lr_steps} if args.lr_steps else {"steps": 10**6, "max_seconds": args.lr_seconds}
+    with timed_lock(None if args.lr_steps else args.lock):
         for spec in args.lrs.split(","):
             optimizer, lr = spec.split(":") if ":" in spec else ("adamw", spec)
             if any(r["optimizer"] == optimizer and r["lr"] == float(lr) for r in record["runs"]):
@@ -203,8 +207,8 @@ def choose_lr(args) -> None:
             model = load_saved(source)
             record["ppl_valid_before"] = record.get("ppl_valid_before") or window_perplexity(model, valid)
             res = recover(
-                model, method="full", input_ids=ids, dense_model=dense, steps=10**6,
-                max_seconds=args.lr_seconds, lr=float(lr), batch_size=args.recover_batch, optimizer=optimizer,
+                model, method="full", input_ids=ids, dense_model=dense, **budget, lr=float(lr),
+                batch_size=args.recover_batch, optimizer=optimizer,
             )  # fmt: skip
             run = {
                 "optimizer": optimizer,
@@ -215,7 +219,8 @@ def choose_lr(args) -> None:
                 "peak_memory_mib": res.peak_memory_mib,
             }
             record["runs"].append(run)
-            record.update(row=args.lr_row, seconds=args.lr_seconds, windows=list(ids.shape))
+            record.update(row=args.lr_row, windows=list(ids.shape))
+            record.update({"steps": args.lr_steps} if args.lr_steps else {"seconds": args.lr_seconds})
             save_json(path, record)
             print(json.dumps(run), flush=True)
 
@@ -338,7 +343,7 @@ def _forward(args) -> list[str]:
     keys = ("model", "data", "out", "rows", "threads", "speed_threads", "recover_rows", "recover_seconds")
     keys += ("recover_batch", "recover_windows", "max_seq_length", "lock", "unstructured_at", "lrs")
     keys += ("save_at",)
-    keys += ("lr_seconds", "lr_row", "shapes")
+    keys += ("lr_seconds", "lr_steps", "lr_row", "shapes")
     out = []
     for k in keys:
         v = getattr(args, k)
@@ -377,6 +382,7 @@ def main() -> None:
     ap.add_argument("--recover_windows", type=int, default=128)
     ap.add_argument("--lrs", default="3e-5,1e-4,3e-4,adafactor:1e-3")
     ap.add_argument("--lr_seconds", type=float, default=180, help="recovery budget of each lr tried")
+    ap.add_argument("--lr_steps", type=int, help="lr sweep: steps per setting (no lock) instead of seconds")
     ap.add_argument("--lr_row", default="depth-block_influence-0.3")
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # child: prune one sparsity
     ap.add_argument("--dense_one", action="store_true", help=argparse.SUPPRESS)  # child: the dense row
@@ -440,6 +446,27 @@ def _shape(cfg: dict[str, Any]) -> str:
     return ", ".join(
         str(cfg.get(k)) for k in ("num_hidden_layers", "intermediate_size", "num_key_value_heads")
     )
+
+
+def _speed_plan(row: dict[str, Any], measured: dict[str, float]) -> list[str]:
+    """What auto's time model predicted for its choice, beside what the speed phase measured."""
+    plan = row.get("speed_plan") or {}
+    if not plan.get("time_model"):
+        return []
+    dec, threads = plan["time_model"]["decode"], plan["time_model"]["measured"]["settings"]["threads"]
+    pred = plan["predicted"]
+    text = (
+        f"Its time model (measured at the start of the run, {threads} thread(s), niced beside the other "
+        f"jobs): decode {1e3 * dec['other']:.1f} ms per token outside the blocks, "
+        f"{1e3 * dec['fixed']:.2f} ms per block + {1e9 * dec['per_param']:.3f} ms per million block "
+        f"weights; target {plan['min_decode_speedup']:g}×, chosen split predicted "
+        f"{pred['decode']:.2f}× decode / {pred['prefill']:.2f}× prefill"
+    )
+    if measured:
+        text += f", measured {measured['decode']:.2f}× / {measured['prefill']:.2f}× (speed phase)"
+    if plan.get("fallback"):
+        text += f". Fallback: {plan['fallback']}"
+    return ["", text + "."]
 
 
 def render(res: dict[str, Any]) -> str:
@@ -506,18 +533,27 @@ def render(res: dict[str, Any]) -> str:
         if row.get("search"):
             cands = "; ".join(
                 f"{c['blocks']} blocks + {c['channels']} ch + {c['kv_groups']} KV → {c['loss']:.3f}"
+                + (f" ({c['decode_speedup']:.2f}×)" if "decode_speedup" in c else "")
                 for c in sorted(row["search"], key=lambda c: c["loss"])
             )
             lines += [
                 "",
-                f"auto at {row['target']:.0%}, candidates by loss on held-out calibration windows: {cands}.",
+                f"auto at {row['target']:.0%}, candidates by loss on held-out calibration windows"
+                + (" (predicted decode speed-up)" if "decode_speedup" in row["search"][0] else "")
+                + f": {cands}.",
             ]
+            lines += _speed_plan(row, ups.get(shape_key(row["config"]), {}))
     if lr:
         lines += [
             "",
             f"Learning rate of `--recover full`, chosen on the validation part: {lr['row']} recovered for "
-            f"{lr['seconds']:.0f} s per setting ({lr['windows'][1]}-token windows, batch 4, under the timed "
-            f"lock), perplexity on `valid.pt` (before recovery {lr['ppl_valid_before']:.2f}): "
+            + (
+                f"{lr['steps']} steps per setting ({lr['windows'][1]}-token windows, batch 4)"
+                if lr.get("steps")
+                else f"{lr['seconds']:.0f} s per setting ({lr['windows'][1]}-token windows, batch 4, under "
+                "the timed lock)"
+            )
+            + f", perplexity on `valid.pt` (before recovery {lr['ppl_valid_before']:.2f}): "
             + "; ".join(
                 f"{r['optimizer']} {r['lr']:g} → {r['ppl_valid']:.2f} ({r['steps']} steps)"
                 for r in lr["runs"]

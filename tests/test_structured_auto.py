@@ -51,7 +51,7 @@ def feasible_splits(model, fraction: float) -> set[tuple[int, int]]:
 def test_small_models_check_every_split_and_keep_the_lowest_loss() -> None:
     model = llama(3)  # 3 blocks x 2 key-value groups: 6 splits, all checked
     ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    result = shrink(model, ids, sparsity=0.3)
+    result = shrink(model, ids, sparsity=0.3, min_decode_speedup=0)
     tried = {(r["blocks"], r["kv_groups"]) for r in result.search}
     assert tried == feasible_splits(model, 0.3)
     assert (0, 0) in tried and any(d > 0 and g == 0 for d, g in tried)  # width alone, depth alone
@@ -75,7 +75,7 @@ def test_larger_models_still_check_width_alone_and_depth_alone(monkeypatch) -> N
     monkeypatch.setattr(auto, "_candidate_loss", loss_favours_one_block)
     model = llama(6)
     ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    result = shrink(model, ids, sparsity=0.3)
+    result = shrink(model, ids, sparsity=0.3, min_decode_speedup=0)
     tried = {(r["blocks"], r["kv_groups"]) for r in result.search}
     full = 2  # depth alone: round(0.3 * 6) blocks
     assert (0, 0) in tried and (full, 0) in tried
@@ -90,7 +90,7 @@ def test_the_angular_span_is_a_candidate(monkeypatch) -> None:
     monkeypatch.setattr(auto, "EXHAUSTIVE", 0)
     model = llama(6)
     ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    result = shrink(model, ids, sparsity=0.3)
+    result = shrink(model, ids, sparsity=0.3, min_decode_speedup=0)
     full = 2  # round(0.3 * 6) blocks
     expected = _choose_blocks("angular", _depth_scores(model, ids[:6], full, 8, True, False), full)
     spans = [r["dropped"] for r in result.search if r["blocks"] == full and r["kv_groups"] == 0]

@@ -44,6 +44,29 @@ def test_cli_structure_saves_a_smaller_plain_checkpoint(tiny_checkpoint, tmp_pat
     assert load_recipe(out / "recipe.yaml").prune.structure == "width"  # the run can be reproduced
 
 
+def test_cli_auto_records_predicted_and_measured_speed(tiny_checkpoint, tmp_path, capsys):
+    """auto's structure.json holds the target and the predicted speed-up; ``bench --write`` adds the
+    measured one there, in run_info.json and on the card. Catches a measurement that only reaches
+    run_info.json (the card would keep saying nothing about speed) or one that drops the prediction."""
+    folder, text = tiny_checkpoint
+    out = tmp_path / "out"
+    args = _args(folder, text, "--structure", "auto", "--sparsity", "0.3", "--output_dir", str(out))
+    assert main([*args, "--skip_eval"]) == 0
+    doc = json.loads((out / "structure.json").read_text())
+    assert doc["speed"]["min_decode_speedup"] == 1.25 and "decode" in doc["speed"]["time_model"]
+    assert set(doc["speed"]["predicted"]) == {"prefill", "decode"}
+    assert "Measured speed-up" not in (out / "README.md").read_text()
+    capsys.readouterr()
+    bench = ["bench", "--model", str(out), "--baseline", str(folder), "--prefill_batch", "1"]
+    assert main([*bench, "--prefill_length", "8", "--new_tokens", "2", "--repeats", "1", "--write"]) == 0
+    doc2 = json.loads((out / "structure.json").read_text())
+    assert set(doc2["speed"]["measured"]) == {"prefill", "decode"}
+    assert doc2["speed"]["time_model"] == doc["speed"]["time_model"]  # the prediction is kept
+    assert json.loads((out / "run_info.json").read_text())["speed"]["speedup"] == doc2["speed"]["measured"]
+    card = (out / "README.md").read_text()
+    assert "Measured speed-up" in card and "Structure removed" in card
+
+
 def test_cli_explicit_shape_options(tiny_checkpoint, capsys):
     folder, text = tiny_checkpoint
     args = _args(
@@ -135,6 +158,7 @@ def test_structured_prune_is_deterministic():
             dataset=ids,
             max_seq_length=16,
             progress=False,
+            min_decode_speedup=0,  # the speed target makes auto's choice depend on this machine's timings
         )
         for _ in range(2)
     ]

@@ -223,7 +223,7 @@ def test_auto_scores_candidates_by_calibration_loss(arch):
     with torch.no_grad():
         reference = float(rebuild(model, Removal(blocks=[0]))(input_ids=ids, labels=ids).loss)
     assert loss == pytest.approx(reference, rel=1e-5)
-    result = _shrink(model, ids, structure="auto", sparsity=0.3)
+    result = _shrink(model, ids, structure="auto", sparsity=0.3, min_decode_speedup=0)  # loss alone
     assert len(result.search) >= 2
     best = min(result.search, key=lambda r: r["loss"])
     assert result.counts == {k: best[k] for k in ("blocks", "channels", "kv_groups")}

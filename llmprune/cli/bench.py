@@ -88,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     }
     if baseline:
         report["speedup"] = speedups(speeds, "baseline")["model"]
-    if args.write:
+    if args.write and (Path(args.model) / "structure.json").is_file():  # also structure.json and the card
+        from llmprune.structured.save import record_speed
+
+        record_speed(args.model, report)
+    elif args.write:
         from llmprune.io.atomic import write_text
 
         path = Path(args.model) / "run_info.json"

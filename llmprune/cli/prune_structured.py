@@ -65,6 +65,8 @@ def run_structured(
         recovery = _recover(small, model, tok, recipe)
     pruned = measure(small, tok, recipe, args.skip_eval)
     speed = _bench(model, small) if getattr(args, "bench", False) else None
+    if speed is not None:  # beside auto's predicted speed-up in structure.json
+        result.speed["measured"] = speed["speedup"]
     summary = {
         "model": recipe.model.name,
         "structure": recipe.prune.structure,

@@ -1,6 +1,7 @@
 """``--structure auto``: split a parameter budget across depth, width and heads.
 
-The error proxy (``plan.allocate``) proposes; the calibration loss decides (see ``auto_plan``).
+The error proxy (``plan.allocate``) proposes; the calibration loss decides among the candidates that a
+time model measured on this machine predicts fast enough (see ``auto_plan`` and ``speedmodel``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from llmprune.structured.edits import (
 from llmprune.structured.passes import InputStats, block_pass, measure_block
 from llmprune.structured.plan import Allocation, Costs, allocate, counts_for
 from llmprune.structured.scores import angular_distance, token_cosines
+from llmprune.structured.speedmodel import TimeModel, choose
+from llmprune.structured.timing import measure_time_model
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def _heads_alone(fraction: float, c: Costs, g_max: int) -> int:
 
 
 def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress):
-    """Auto: the error proxy proposes one split per depth budget, the calibration loss picks among them.
+    """Auto: the error proxy proposes splits, a time model says which are fast enough, the loss picks.
 
     Pass 1 on the dense model measures each block's removal error and the OBS error curves (and
     greedy orders) of removing channels and key-value groups. ``plan.allocate`` proposes the best
@@ -56,7 +59,16 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
     misjudges how dropped blocks compound and a refit judged on its own windows flatters itself.
     Each structure alone is always a candidate, depth alone twice: the blocks of least residual error
     and the span of least angular distance (Gromov et al.), measured in the same pass.
+
+    With ``min_decode_speedup`` (default 1.25; 0 or ``None``: off) the decode and prefill time of every
+    candidate is predicted by a time model measured here (``timing``, ``speedmodel``); for each number of
+    key-value groups the least depth that reaches the target is a candidate too, and the lowest loss
+    among the candidates predicted to reach it wins (``speedmodel.choose``; none: the lowest loss, noted).
+
+    Returns the allocation, the block scores, the candidates and the speed record (target, time model,
+    the choice's predicted speed-up, the fallback if any).
     """
+    target = opts.get("min_decode_speedup") or None
     need = (
         counts_for("width", min(fraction, 0.95), c, 1).channels
         if fraction * c.total < c.num_blocks * c.width * c.channel
@@ -77,7 +89,7 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
         counts_for("depth", fraction, c).blocks if fraction * c.total < (c.num_blocks - 0.5) * c.block else 0
     )
     window: deque[list[Tensor]] = deque(maxlen=full + 1)  # hidden states at span ends (Gromov et al.)
-    spans: dict[int, float] = {}  # first block of a span of `full` blocks -> its angular distance
+    spans: dict[tuple[int, int], float] = {}  # (length, first block) -> angular distance, lengths <= full
 
     def visit(i: int, block: nn.Module, inputs) -> list:
         if full and i == 0:
@@ -85,11 +97,12 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
         st, outs = measure_block(block, i, inputs, taps)
         if full:
             window.append(outs)
-            if len(window) == full + 1:
+            for length in range(1, len(window)):
                 cos = sum(
-                    float(token_cosines(a, b).sum()) for a, b in zip(window[0], window[-1], strict=True)
+                    float(token_cosines(a, b).sum())
+                    for a, b in zip(window[-1 - length], window[-1], strict=True)
                 )
-                spans[i + 1 - full] = angular_distance(cos, st.num_tokens)
+                spans[(length, i + 1 - length)] = angular_distance(cos, st.num_tokens)
         scale = max(st.out_scale, 1e-30)
         scores.append(block_score(st))
         residual = (opts["depth_method"] or "residual") == "residual"
@@ -115,8 +128,16 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
     block_pass(model, fit_ids, visit, batch_size=batch_size, desc="(1/2) measuring", progress=progress)
     args = (fraction, c, block_err, wcurves, hcurves, opts["width_multiple"], layout.structures)
     proxy = allocate(*args)
+    speed: dict[str, Any] = {"min_decode_speedup": target}
     if not keep_stats or "depth" not in layout.structures:
-        return proxy, scores, []
+        speed["fallback"] = "no candidate search (statistics too large to keep): the error proxy's split"
+        return proxy, scores, [], speed
+    tm: TimeModel | None = measure_time_model(model, c) if target else None
+    if tm is not None:
+        speed["time_model"] = tm.to_dict()
+    elif target:
+        speed["fallback"] = "a one-block model has no time model: the lowest calibration loss was kept"
+        target = None
     tried: dict[tuple[int, int, tuple[int, ...]], Allocation] = {}
     search: list[dict[str, Any]] = []
 
@@ -128,14 +149,44 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
             return
         tried[key(alloc)] = alloc
         loss = _candidate_loss(model, layout, alloc, orders, dense_stats, heads, eval_ids, opts)
-        search.append({**vars(alloc.counts), "dropped": alloc.blocks, "proxy": alloc.error, "loss": loss})
-        log.info("auto candidate %s: calibration loss %.4f (proxy %.4g)", alloc.counts, loss, alloc.error)
+        rec = {**vars(alloc.counts), "dropped": alloc.blocks, "proxy": alloc.error, "loss": loss}
+        if tm is not None:
+            rec.update({f"{k}_speedup": v for k, v in tm.predict(alloc.counts, c).items()})
+        search.append(rec)
+        log.info(
+            "auto candidate %s: calibration loss %.4f (proxy %.4g), predicted decode %s",
+            alloc.counts,
+            loss,
+            alloc.error,
+            f"{rec['decode_speedup']:.2f}x" if tm is not None else "not measured",
+        )
 
     def proposal(**fixed: int) -> Allocation | None:
         try:
             return allocate(*args, **fixed)
         except ConfigError:  # nothing with exactly these counts fits the budget
             return None
+
+    def as_span(alloc: Allocation | None) -> Allocation | None:
+        """The same counts with the dropped blocks as the span of least angular distance."""
+        if alloc is None or not alloc.counts.blocks:
+            return None
+        d, k, g = alloc.counts.blocks, alloc.counts.channels, alloc.counts.kv_groups
+        starts = [j for length, j in spans if length == d]
+        if not starts:
+            return None
+        start = min(starts, key=lambda j: (spans[(d, j)], j))
+        span = list(range(start, start + d))
+        shrink = [wcurves[i][k] + hcurves[i][g] for i in range(c.num_blocks)]
+        return replace(alloc, blocks=span, error=sum(shrink) + sum(block_err[i] - shrink[i] for i in span))
+
+    def least_fast_depth(g: int) -> Allocation | None:
+        """The proposal with ``g`` groups and the fewest dropped blocks predicted to reach the target."""
+        for d in range(max_blocks + 1):
+            alloc = proposal(blocks=d, groups=g)
+            if alloc is not None and tm is not None and tm.decode.speedup(alloc.counts, c) >= target:
+                return alloc
+        return None
 
     max_blocks = c.num_blocks - 1
     if (max_blocks + 1) * (g_max + 1) <= EXHAUSTIVE:  # small models: every split
@@ -149,23 +200,31 @@ def auto_plan(model, layout, ids, fraction, c: Costs, opts, batch_size, progress
         consider(proposal(blocks=0, groups=0))  # width alone
         depth_alone = proposal(blocks=full, groups=0)  # depth alone (channels only to round the size)
         consider(depth_alone)
-        if depth_alone is not None and spans:  # the same count as the span of least angular distance
-            start = min(spans, key=lambda j: (spans[j], j))
-            span, k = list(range(start, start + full)), depth_alone.counts.channels
-            proxy_error = sum(w[k] for w in wcurves) + sum(block_err[i] - wcurves[i][k] for i in span)
-            consider(replace(depth_alone, blocks=span, error=proxy_error))
+        consider(as_span(depth_alone))  # the same count as the span of least angular distance
         alone = _heads_alone(fraction, c, g_max)
         if alone:
             consider(proposal(blocks=0, groups=alone))
         for d in sorted({0, full // 3, (2 * full) // 3, full}):
             consider(proposal(blocks=d))
-        best = min(search, key=lambda r: (r["loss"], r["blocks"]))
+        if target:  # the cheapest way to the speed target, for each number of groups
+            for g in range(g_max + 1):
+                fast = least_fast_depth(g)
+                consider(fast)
+                consider(as_span(fast))
+        best, _ = choose(search, target)
         for g in range(g_max + 1):
             consider(proposal(blocks=best["blocks"], groups=g))
     if not search:
-        return proxy, scores, []
-    best = min(search, key=lambda r: (r["loss"], r["blocks"]))
-    return tried[(best["blocks"], best["kv_groups"], tuple(best["dropped"]))], scores, search
+        speed["fallback"] = "no split could be checked: the error proxy's split"
+        return proxy, scores, [], speed
+    best, note = choose(search, target)
+    if tm is not None:
+        speed["predicted"] = {k: best[f"{k}_speedup"] for k in ("decode", "prefill")}
+        speed["met"] = note is None
+    if note:
+        speed["fallback"] = note
+        log.warning("auto: %s", note)
+    return tried[(best["blocks"], best["kv_groups"], tuple(best["dropped"]))], scores, search, speed
 
 
 def _skip_block(_module, args, kwargs, output):

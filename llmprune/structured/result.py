@@ -27,6 +27,8 @@ class StructuredResult:
     config: dict[str, Any]  # the shape keys of the new config
     block_scores: list[dict[str, float]] = field(default_factory=list)  # per original block
     search: list[dict[str, Any]] = field(default_factory=list)  # auto: candidates and calibration losses
+    # auto: speed target, time model, predicted (and, with --bench, measured) speed-up, fallback
+    speed: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     calibration_hash: str = ""
     num_calibration_samples: int = 0
@@ -59,6 +61,7 @@ class StructuredResult:
             "removed": self.removal.to_dict(),
             "block_scores": self.block_scores,
             "search": self.search,
+            "speed": self.speed,
             "options": self.options,
             "calibration_hash": self.calibration_hash,
             "num_calibration_samples": self.num_calibration_samples,

@@ -54,3 +54,35 @@ def save_structured(
         extra_files={"structure.json": result.to_dict()},
         **kwargs,
     )
+
+
+def record_speed(folder: str | Path, report: dict[str, Any]) -> None:
+    """Add a measured speed report (``llmprune bench --write``) to a saved structured checkpoint:
+    ``run_info.json["speed"]``, ``structure.json["speed"]["measured"]`` beside auto's prediction, and
+    the model card's speed line, each file replaced atomically."""
+    import json
+
+    import yaml
+
+    from llmprune.io.atomic import write_text
+    from llmprune.io.card import build_model_card
+
+    folder = Path(folder)
+
+    def read(name: str) -> dict[str, Any]:
+        path = folder / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    info = {**read("run_info.json"), "speed": report}
+    write_text(folder / "run_info.json", json.dumps(info, indent=2) + "\n")
+    structure = read("structure.json")
+    if structure and "speedup" in report:
+        structure["speed"] = {**structure.get("speed", {}), "measured": report["speedup"]}
+        write_text(folder / "structure.json", json.dumps(structure, indent=2) + "\n")
+    if (folder / "README.md").is_file() and (folder / "sparsity.json").is_file():
+        recipe_path = folder / "recipe.yaml"
+        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() else None
+        card = build_model_card(
+            sparsity=read("sparsity.json"), recipe=recipe, run_info=info, metrics=info.get("metrics")
+        )
+        write_text(folder / "README.md", str(card))

@@ -15,7 +15,15 @@ METHODS = {
 }
 #: ``wanda`` (the unstructured default method) selects the structure's default
 DEFAULT_METHOD = {"depth": "block_influence", "width": "obs", "heads": "obs", "auto": "obs"}
-OPTIONS = {"dampening_frac": 0.01, "refit": None, "width_multiple": 8, "obs_rounds": 32, "depth_method": None}
+OPTIONS = {
+    "dampening_frac": 0.01,
+    "refit": None,
+    "width_multiple": 8,
+    "obs_rounds": 32,
+    "depth_method": None,
+    # auto: the decode speed-up a split must be predicted to reach (speedmodel.MIN_DECODE_SPEEDUP; 0: off)
+    "min_decode_speedup": 1.25,
+}
 SHAPE_KEYS = (
     "num_hidden_layers",
     "intermediate_size",
@@ -59,6 +67,12 @@ def check_settings(
         raise ConfigError(
             f"option depth_method={depth!r}{did_you_mean(str(depth), METHODS['depth'])}: choose "
             f"{', '.join(METHODS['depth'])}."
+        )
+    speedup = options.get("min_decode_speedup", 0)
+    if speedup is not None and (isinstance(speedup, (str, bool)) or not 0 <= float(speedup) <= 100):
+        raise ConfigError(
+            f"option min_decode_speedup must be a number such as 1.25 (0 or null: no speed target), got "
+            f"{speedup!r}."
         )
     for key in set(options) & set(SHAPE_KEYS):
         if isinstance(options[key], bool) or not isinstance(options[key], int) or options[key] < 1:
