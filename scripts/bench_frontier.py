@@ -95,6 +95,94 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], peers: list[dict]) ->
     return "\n".join(lines)
 
 
+def _default_runs(results: dict, sparsity: str, allocated: bool | None = None) -> list[tuple[str, float]]:
+    """(label, test ppl) of every finished sweep run at ``sparsity`` with code defaults (options hold at
+    most an allocation); ``allocated`` True keeps only owl/error/depth rows, False only uniform ones."""
+    runs = []
+    for key, r in results.items():
+        if (
+            key == "dense"
+            or "ppl" not in r
+            or r.get("sparsity") != sparsity
+            or set(r["options"]) - {"allocation"}
+        ):
+            continue
+        allocation = r["options"].get("allocation", "uniform")
+        if allocated is None or allocated == (allocation != "uniform"):
+            runs.append((f"{r['method']} + {allocation}", r["ppl"]))
+    return runs
+
+
+def _verdict(
+    item: str, ours: tuple[str, float] | None, base: tuple[str, float] | None, at_most: float, strict: bool
+) -> str:
+    """One row of the done-when table: met when ours / base perplexity is at most ``at_most`` (below it
+    when ``strict``): 0.9 = at least 10 % lower, 1.0 strict = lower, 1.0 = no worse."""
+    if ours is None or base is None:
+        missing = " and ".join(x for x, v in (("ours", ours), ("baseline", base)) if v is None)
+        cells = [item, ours[0] if ours else "–", base[0] if base else "–", "–", f"not measured ({missing})"]
+        return "| " + " | ".join(cells) + " |"
+    ratio = ours[1] / base[1]
+    met = ratio < at_most if strict else ratio <= at_most
+    cells = [item, f"{ours[0]}: {ours[1]:.2f}", f"{base[0]}: {base[1]:.2f}", f"{(ratio - 1) * 100:+.1f} %"]
+    return "| " + " | ".join([*cells, "**met**" if met else "not met"]) + " |"
+
+
+def done_when(results: dict, peers: list[dict]) -> str:
+    """Issue 19's done-when items, read off the results (best = lowest test ppl among default runs)."""
+
+    def best(sparsity: str, allocated: bool | None = None) -> tuple[str, float] | None:
+        runs = _default_runs(results, sparsity, allocated)
+        return min(runs, key=lambda r: r[1]) if runs else None
+
+    def one(method: str, sparsity: str, allocation: str) -> tuple[str, float] | None:
+        opts = {} if allocation == "uniform" else {"allocation": allocation}
+        r = results.get(bench.run_key(method, sparsity, opts), {})
+        return (f"{method} + {allocation}", r["ppl"]) if "ppl" in r else None
+
+    lines = [
+        "| done-when item | llmprune | against | change in ppl | verdict |",
+        "|---|---|---|---|---|",
+        _verdict(
+            "70 %: best with an allocation ≥ 10 % below iCBS uniform",
+            best("0.7", True),
+            one("icbs", "0.7", "uniform"),
+            0.9,
+            False,
+        ),
+        _verdict(
+            "2:4: best configuration ≥ 5 % below iCBS uniform",
+            best("2:4"),
+            one("icbs", "2:4", "uniform"),
+            0.95,
+            False,
+        ),
+    ]
+    for method in ("wanda", "sparsegpt"):
+        lines.append(
+            _verdict(
+                f"70 %: OWL lowers {method}",
+                one(method, "0.7", "owl"),
+                one(method, "0.7", "uniform"),
+                1.0,
+                True,
+            )
+        )
+    for sparsity in ("0.7", "2:4", "0.5"):
+        for peer in (p for p in peers if p["sparsity"] == sparsity):
+            word = "no worse than" if sparsity == "0.5" else "below"
+            lines.append(
+                _verdict(
+                    f"{sparsity}: best llmprune {word} {peer['label']}",
+                    best(sparsity),
+                    (peer["label"], peer["ppl"]),
+                    1.0,
+                    sparsity != "0.5",
+                )
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_run_args(p, out="bench_out/frontier.json", section="frontier")
@@ -144,7 +232,8 @@ def main() -> None:
         list(pool.map(lambda job: sweep.run(*job), jobs))
         dense.result()
     peers = [json.loads(f.read_text()) for f in sorted(a.peers.glob("*.json"))] if a.peers else []
-    body = table(sweep, rows, peers)
+    body = table(sweep, rows, peers) + "\n\nDone-when items of issue 19, read off these rows:\n\n"
+    body += done_when(sweep.results, peers)
     bench.write_section(a.section, body)
     print(body)
 
