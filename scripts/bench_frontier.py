@@ -15,6 +15,8 @@ there in the order given, then the other sparsities; methods in the order given.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import sys
 import threading
@@ -32,16 +34,29 @@ class Sweep:
         self.common = ["--model", a.model, "--data", str(a.data), "--threads", str(a.threads)]
         self.lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def _synced(self):
+        """The results, merged with what other sweeps on the same file wrote since (one writer at a time,
+        so concurrent or relaunched sweeps share one file without clobbering each other's rows)."""
+        with self.lock, open(self.a.out.with_suffix(".lock"), "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            if self.a.out.exists():
+                self.results.update(json.loads(self.a.out.read_text()))
+            yield self.results
+
     def _record(self, key: str, args: list[str]) -> dict:
         if self.a.table_only:
             return self.results.get(key, {"error": "not run yet"})
-        if key not in self.results or "error" in self.results[key]:
+        with self._synced() as results:
+            done = key in results and "error" not in results[key]
+        if not done:
             print(f"running {key} …", file=sys.stderr, flush=True)
             record = bench.child(__file__, [*self.common, *args])
             print(f"  {key}: {record}", file=sys.stderr, flush=True)
-            with self.lock:
-                self.results[key] = record
-                bench.save_json(self.a.out, self.results)
+            with self._synced() as results:
+                if "error" not in record or "error" in results.get(key, {"error": ""}):
+                    results[key] = record  # a failure never replaces a row another sweep finished
+                bench.save_json(self.a.out, results)
         return self.results[key]
 
     def dense(self) -> dict:
@@ -191,6 +206,11 @@ def main() -> None:
     p.add_argument("--sparsities", default="0.7,2:4,0.5,0.6,0.8")
     p.add_argument("--allocations", default="owl,error", help="besides uniform (unstructured targets only)")
     p.add_argument("--skip", default="", help="cells left out for the time budget: method@sparsity,...")
+    p.add_argument(
+        "--only",
+        default="",
+        help="run just these cells, in this order: method@sparsity@allocation,... (the table lists all)",
+    )
     p.add_argument("--workers", type=int, default=1, help="runs at a time (each in its own process)")
     p.add_argument("--table_only", action="store_true", help="write the table from the results so far")
     p.add_argument("--peers", type=Path, default=None, help="directory of reference-code results to list")
@@ -228,6 +248,9 @@ def main() -> None:
     jobs = sorted(
         rows, key=lambda r: (rank[r[1]] >= 3, kinds.index(r[2].get("allocation", "uniform")), rank[r[1]])
     )
+    if a.only:  # cells named by hand, e.g. the ones that decide the done-when items first
+        cells = [x.split("@") for x in a.only.split(",") if x]
+        jobs = [(m, s, {} if x == "uniform" else {"allocation": x}) for m, s, x in cells]
     if not a.table_only:
         list(pool.map(lambda job: sweep.run(*job), jobs))
         dense.result()

@@ -63,3 +63,23 @@ def test_two_four_and_fifty_percent_thresholds():
     assert _row(text, "2:4: best configuration")[4] == "not met"  # 4.5 % lower, 5 % asked
     assert _row(text, "2:4: best llmprune below OWL Wanda")[4] == "**met**"
     assert _row(text, "0.5: best llmprune no worse than")[4] == "**met**"  # a tie is "no worse"
+
+
+def test_sweeps_sharing_a_results_file_keep_each_others_rows(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    bf = _bench_frontier()
+    out = tmp_path / "frontier.json"
+    args = Namespace(out=out, table_only=False, model="m", data=tmp_path, threads=1)
+    first, second = bf.Sweep(args), bf.Sweep(args)  # both loaded the (empty) file before either ran
+    monkeypatch.setattr(bf.bench, "child", lambda _script, argv: {"ppl": float(len(argv[-2]))})
+    first.run("wanda", "0.7", {})
+    second.run("alps", "0.7", {})  # a stale in-memory copy must not drop the first sweep's row
+    assert set(json.loads(out.read_text())) == {"wanda|0.7|{}", "alps|0.7|{}"}
+    calls = []
+    monkeypatch.setattr(bf.bench, "child", lambda _script, argv: calls.append(argv) or {"error": "boom"})
+    assert second.run("wanda", "0.7", {}) == {"ppl": 3.0}  # finished elsewhere: not run again
+    assert calls == []
+    out.write_text(json.dumps({"icbs|0.7|{}": {"error": "killed"}}))
+    first.run("icbs", "0.7", {})  # an earlier failure is retried, and a new failure is kept
+    assert len(calls) == 1 and json.loads(out.read_text())["icbs|0.7|{}"] == {"error": "boom"}
