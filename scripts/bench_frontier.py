@@ -186,9 +186,10 @@ def done_when(results: dict, peers: list[dict]) -> str:
     for sparsity in ("0.7", "2:4", "0.5"):
         for peer in (p for p in peers if p["sparsity"] == sparsity):
             word = "no worse than" if sparsity == "0.5" else "below"
+            name = {"0.7": "70 %", "0.5": "50 %"}.get(sparsity, sparsity)
             lines.append(
                 _verdict(
-                    f"{sparsity}: best llmprune {word} {peer['label']}",
+                    f"{name}: best llmprune {word} {peer['label']}",
                     best(sparsity),
                     (peer["label"], peer["ppl"]),
                     1.0,
@@ -225,10 +226,11 @@ def main() -> None:
         print(json.dumps(bench.run_dense(a.model, a.data, a.threads)))
         return
 
-    import llmprune
+    if not all((a.data / f"{part}.pt").exists() for part in ("calib", "test", "valid")):
+        import llmprune  # the tokenizer, once (not a model per sweep: memory is shared with the children)
 
-    _, tok = llmprune.load_model(a.model)
-    bench.make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, a.eval_windows)
+        _, tok = llmprune.load_model(a.model)
+        bench.make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, a.eval_windows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(a)
     pool = ThreadPoolExecutor(a.workers)

@@ -47,7 +47,7 @@ def test_allocation_target_uses_the_best_allocated_run_and_the_ten_percent_edge(
     assert _row(text, "70 %: OWL lowers wanda")[4] == "not met"
     assert "not measured" in _row(text, "70 %: OWL lowers sparsegpt")[4]
     # at 70 % the reference must be beaten strictly: a tie (150 vs 150) is not met
-    ref = _row(text, "0.7: best llmprune below ALPS")
+    ref = _row(text, "70 %: best llmprune below ALPS")
     assert ref[1] == "alps + uniform: 150.00" and ref[4] == "not met"
     assert "not measured" in _row(text, "2:4: best configuration")[4]
 
@@ -62,7 +62,7 @@ def test_two_four_and_fifty_percent_thresholds():
     text = bf.done_when(runs, peers)
     assert _row(text, "2:4: best configuration")[4] == "not met"  # 4.5 % lower, 5 % asked
     assert _row(text, "2:4: best llmprune below OWL Wanda")[4] == "**met**"
-    assert _row(text, "0.5: best llmprune no worse than")[4] == "**met**"  # a tie is "no worse"
+    assert _row(text, "50 %: best llmprune no worse than")[4] == "**met**"  # a tie is "no worse"
 
 
 def test_sweeps_sharing_a_results_file_keep_each_others_rows(tmp_path, monkeypatch):
