@@ -26,6 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bench  # noqa: E402
 
+#: the reference-code rows the done-when items compare against (labels of scripts/peers/run_reference.py)
+REFERENCES = ("ALPS (reference)", "OWL Wanda (reference)", "OWL SparseGPT (reference)")
+
 
 class Sweep:
     def __init__(self, a: argparse.Namespace) -> None:
@@ -184,14 +187,16 @@ def done_when(results: dict, peers: list[dict]) -> str:
             )
         )
     for sparsity in ("0.7", "2:4", "0.5"):
-        for peer in (p for p in peers if p["sparsity"] == sparsity):
+        found = {p["label"]: p for p in peers if p["sparsity"] == sparsity}
+        for label in dict.fromkeys([*REFERENCES, *found]):  # a reference not run is listed as such
             word = "no worse than" if sparsity == "0.5" else "below"
             name = {"0.7": "70 %", "0.5": "50 %"}.get(sparsity, sparsity)
+            peer = found.get(label)
             lines.append(
                 _verdict(
-                    f"{name}: best llmprune {word} {peer['label']}",
+                    f"{name}: best llmprune {word} {label}",
                     best(sparsity),
-                    (peer["label"], peer["ppl"]),
+                    (label, peer["ppl"]) if peer else None,
                     1.0,
                     sparsity != "0.5",
                 )

@@ -50,6 +50,9 @@ def test_allocation_target_uses_the_best_allocated_run_and_the_ten_percent_edge(
     ref = _row(text, "70 %: best llmprune below ALPS")
     assert ref[1] == "alps + uniform: 150.00" and ref[4] == "not met"
     assert "not measured" in _row(text, "2:4: best configuration")[4]
+    # every reference the issue names gets a row, run or not
+    assert _row(text, "70 %: best llmprune below OWL Wanda")[4] == "not measured (baseline)"
+    assert _row(text, "2:4: best llmprune below ALPS")[4] == "not measured (ours and baseline)"
 
 
 def test_two_four_and_fifty_percent_thresholds():
@@ -62,7 +65,7 @@ def test_two_four_and_fifty_percent_thresholds():
     text = bf.done_when(runs, peers)
     assert _row(text, "2:4: best configuration")[4] == "not met"  # 4.5 % lower, 5 % asked
     assert _row(text, "2:4: best llmprune below OWL Wanda")[4] == "**met**"
-    assert _row(text, "50 %: best llmprune no worse than")[4] == "**met**"  # a tie is "no worse"
+    assert _row(text, "50 %: best llmprune no worse than OWL SparseGPT")[4] == "**met**"  # a tie: no worse
 
 
 def test_sweeps_sharing_a_results_file_keep_each_others_rows(tmp_path, monkeypatch):
