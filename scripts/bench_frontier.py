@@ -15,6 +15,8 @@ there in the order given, then the other sparsities; methods in the order given.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import sys
 import threading
@@ -24,6 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bench  # noqa: E402
 
+#: the reference-code rows the done-when items compare against (labels of scripts/peers/run_reference.py)
+REFERENCES = ("ALPS (reference)", "OWL Wanda (reference)", "OWL SparseGPT (reference)")
+
 
 class Sweep:
     def __init__(self, a: argparse.Namespace) -> None:
@@ -32,16 +37,29 @@ class Sweep:
         self.common = ["--model", a.model, "--data", str(a.data), "--threads", str(a.threads)]
         self.lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def _synced(self):
+        """The results, merged with what other sweeps on the same file wrote since (one writer at a time,
+        so concurrent or relaunched sweeps share one file without clobbering each other's rows)."""
+        with self.lock, open(self.a.out.with_suffix(".lock"), "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            if self.a.out.exists():
+                self.results.update(json.loads(self.a.out.read_text()))
+            yield self.results
+
     def _record(self, key: str, args: list[str]) -> dict:
         if self.a.table_only:
             return self.results.get(key, {"error": "not run yet"})
-        if key not in self.results or "error" in self.results[key]:
+        with self._synced() as results:
+            done = key in results and "error" not in results[key]
+        if not done:
             print(f"running {key} …", file=sys.stderr, flush=True)
             record = bench.child(__file__, [*self.common, *args])
             print(f"  {key}: {record}", file=sys.stderr, flush=True)
-            with self.lock:
-                self.results[key] = record
-                bench.save_json(self.a.out, self.results)
+            with self._synced() as results:
+                if "error" not in record or "error" in results.get(key, {"error": ""}):
+                    results[key] = record  # a failure never replaces a row another sweep finished
+                bench.save_json(self.a.out, results)
         return self.results[key]
 
     def dense(self) -> dict:
@@ -95,6 +113,97 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], peers: list[dict]) ->
     return "\n".join(lines)
 
 
+def _default_runs(results: dict, sparsity: str, allocated: bool | None = None) -> list[tuple[str, float]]:
+    """(label, test ppl) of every finished sweep run at ``sparsity`` with code defaults (options hold at
+    most an allocation); ``allocated`` True keeps only owl/error/depth rows, False only uniform ones."""
+    runs = []
+    for key, r in results.items():
+        if (
+            key == "dense"
+            or "ppl" not in r
+            or r.get("sparsity") != sparsity
+            or set(r["options"]) - {"allocation"}
+        ):
+            continue
+        allocation = r["options"].get("allocation", "uniform")
+        if allocated is None or allocated == (allocation != "uniform"):
+            runs.append((f"{r['method']} + {allocation}", r["ppl"]))
+    return runs
+
+
+def _verdict(
+    item: str, ours: tuple[str, float] | None, base: tuple[str, float] | None, at_most: float, strict: bool
+) -> str:
+    """One row of the done-when table: met when ours / base perplexity is at most ``at_most`` (below it
+    when ``strict``): 0.9 = at least 10 % lower, 1.0 strict = lower, 1.0 = no worse."""
+    if ours is None or base is None:
+        missing = " and ".join(x for x, v in (("ours", ours), ("baseline", base)) if v is None)
+        cells = [item, ours[0] if ours else "–", base[0] if base else "–", "–", f"not measured ({missing})"]
+        return "| " + " | ".join(cells) + " |"
+    ratio = ours[1] / base[1]
+    met = ratio < at_most if strict else ratio <= at_most
+    cells = [item, f"{ours[0]}: {ours[1]:.2f}", f"{base[0]}: {base[1]:.2f}", f"{(ratio - 1) * 100:+.1f} %"]
+    return "| " + " | ".join([*cells, "**met**" if met else "not met"]) + " |"
+
+
+def done_when(results: dict, peers: list[dict]) -> str:
+    """Issue 19's done-when items, read off the results (best = lowest test ppl among default runs)."""
+
+    def best(sparsity: str, allocated: bool | None = None) -> tuple[str, float] | None:
+        runs = _default_runs(results, sparsity, allocated)
+        return min(runs, key=lambda r: r[1]) if runs else None
+
+    def one(method: str, sparsity: str, allocation: str) -> tuple[str, float] | None:
+        opts = {} if allocation == "uniform" else {"allocation": allocation}
+        r = results.get(bench.run_key(method, sparsity, opts), {})
+        return (f"{method} + {allocation}", r["ppl"]) if "ppl" in r else None
+
+    lines = [
+        "| done-when item | llmprune | against | change in ppl | verdict |",
+        "|---|---|---|---|---|",
+        _verdict(
+            "70 %: best with an allocation ≥ 10 % below iCBS uniform",
+            best("0.7", True),
+            one("icbs", "0.7", "uniform"),
+            0.9,
+            False,
+        ),
+        _verdict(
+            "2:4: best configuration ≥ 5 % below iCBS uniform",
+            best("2:4"),
+            one("icbs", "2:4", "uniform"),
+            0.95,
+            False,
+        ),
+    ]
+    for method in ("wanda", "sparsegpt"):
+        lines.append(
+            _verdict(
+                f"70 %: OWL lowers {method}",
+                one(method, "0.7", "owl"),
+                one(method, "0.7", "uniform"),
+                1.0,
+                True,
+            )
+        )
+    for sparsity in ("0.7", "2:4", "0.5"):
+        found = {p["label"]: p for p in peers if p["sparsity"] == sparsity}
+        for label in dict.fromkeys([*REFERENCES, *found]):  # a reference not run is listed as such
+            word = "no worse than" if sparsity == "0.5" else "below"
+            name = {"0.7": "70 %", "0.5": "50 %"}.get(sparsity, sparsity)
+            peer = found.get(label)
+            lines.append(
+                _verdict(
+                    f"{name}: best llmprune {word} {label}",
+                    best(sparsity),
+                    (label, peer["ppl"]) if peer else None,
+                    1.0,
+                    sparsity != "0.5",
+                )
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_run_args(p, out="bench_out/frontier.json", section="frontier")
@@ -103,6 +212,11 @@ def main() -> None:
     p.add_argument("--sparsities", default="0.7,2:4,0.5,0.6,0.8")
     p.add_argument("--allocations", default="owl,error", help="besides uniform (unstructured targets only)")
     p.add_argument("--skip", default="", help="cells left out for the time budget: method@sparsity,...")
+    p.add_argument(
+        "--only",
+        default="",
+        help="run just these cells, in this order: method@sparsity@allocation,... (the table lists all)",
+    )
     p.add_argument("--workers", type=int, default=1, help="runs at a time (each in its own process)")
     p.add_argument("--table_only", action="store_true", help="write the table from the results so far")
     p.add_argument("--peers", type=Path, default=None, help="directory of reference-code results to list")
@@ -117,10 +231,11 @@ def main() -> None:
         print(json.dumps(bench.run_dense(a.model, a.data, a.threads)))
         return
 
-    import llmprune
+    if not all((a.data / f"{part}.pt").exists() for part in ("calib", "test", "valid")):
+        import llmprune  # the tokenizer, once (not a model per sweep: memory is shared with the children)
 
-    _, tok = llmprune.load_model(a.model)
-    bench.make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, a.eval_windows)
+        _, tok = llmprune.load_model(a.model)
+        bench.make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, a.eval_windows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(a)
     pool = ThreadPoolExecutor(a.workers)
@@ -140,11 +255,15 @@ def main() -> None:
     jobs = sorted(
         rows, key=lambda r: (rank[r[1]] >= 3, kinds.index(r[2].get("allocation", "uniform")), rank[r[1]])
     )
+    if a.only:  # cells named by hand, e.g. the ones that decide the done-when items first
+        cells = [x.split("@") for x in a.only.split(",") if x]
+        jobs = [(m, s, {} if x == "uniform" else {"allocation": x}) for m, s, x in cells]
     if not a.table_only:
         list(pool.map(lambda job: sweep.run(*job), jobs))
         dense.result()
     peers = [json.loads(f.read_text()) for f in sorted(a.peers.glob("*.json"))] if a.peers else []
-    body = table(sweep, rows, peers)
+    body = table(sweep, rows, peers) + "\n\nDone-when items of issue 19, read off these rows:\n\n"
+    body += done_when(sweep.results, peers)
     bench.write_section(a.section, body)
     print(body)
 

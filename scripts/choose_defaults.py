@@ -208,10 +208,11 @@ def main() -> None:
     p.set_defaults(eval_windows=16)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    import llmprune
+    if a.part != "table" and not all((a.data / f"{x}.pt").exists() for x in ("calib", "test", "valid")):
+        import llmprune  # the tokenizer, once; the table needs no model at all
 
-    _, tok = llmprune.load_model(a.model)
-    bench.make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, 32)
+        _, tok = llmprune.load_model(a.model)
+        bench.make_data(a.data, tok, a.num_calibration_samples, a.max_seq_length, 32)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if a.part == "table":
         results: dict = {}
