@@ -3,7 +3,8 @@ reconstruction after pruning, and block-wise reconstruction fused into the pruni
 
     python scripts/bench_recovery.py prune --pairs wanda:0.5,sparsegpt:2:4          # nice, no lock
     flock /work/wt/timed.lock python scripts/bench_recovery.py run --pairs wanda:0.5 \
-        --kinds blockwise --budget 600 --threads 2                                  # the timed part
+        --kinds e2e --budget 600 --threads 2                                        # the timed part
+    python scripts/bench_recovery.py evaluate                                       # nice, no lock
     python scripts/bench_recovery.py report
 
 Data: ``bench_out/data`` (``bench_common.make_data``): calibration windows ``calib.pt`` (32 × 512 of the
@@ -13,9 +14,13 @@ built-in calibration text) are what pruning *and* recovery train on; perplexity 
 
 Kinds:
 
-* ``perp``: ``recover(method="perp")``, end to end with distillation from a dense copy (the previous
-  default), on the calibration windows cut to 256 tokens, batch 4; perplexity at 2, 5 and 10 minutes of
-  one run (evaluation time is excluded from the budget: the loop's clock is paused while it runs);
+* ``e2e``: ``recover(method=--recover_method)`` end to end with today's defaults: the dense model's
+  top-k targets computed first (on the dense weights, before the pruned ones are loaded: no copy; the
+  pass is *inside* the budget), bfloat16 autocast, block checkpointing; on the calibration windows cut to
+  256 tokens, batch 4. The trained state is saved at 2 and 5 minutes and at the end (clock paused) and
+  scored afterwards by ``evaluate`` at nice 19, so the timed lock is held for training only;
+* ``perp``: the previous end-to-end default (live dense copy as teacher, float32, no checkpointing),
+  perplexity at 2, 5 and 10 minutes evaluated in the run (the loop's clock is paused meanwhile);
 * ``blockwise``: ``recover(mode="reconstruct")`` on the cached pruned model with a dense copy, one run per
   budget (the budget is spread over the blocks, so it is not an anytime method);
 * ``fused``: ``prune(..., recover="perp")`` from the dense model; the budget bounds the recovery time
@@ -113,18 +118,144 @@ def _settings(a: argparse.Namespace) -> dict:
     return out
 
 
+def _snapshot(model, path: Path) -> None:
+    """The trained tensors (PERP: adapters, norms, biases; LIFT: the trained weights), by name."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: dict) -> None:
+    """Timed part of an ``e2e`` run: teacher targets (in the budget), training, snapshots; no scoring."""
+    import llmprune
+    from llmprune.recovery import recover
+    from llmprune.recovery import train as train_module
+    from llmprune.recovery.precision import autocast
+    from llmprune.recovery.teacher import topk_targets
+
+    calib, _ = load_data(a.data)
+    ids = torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
+    settings = _settings(a)
+    top_k = settings.pop("teacher_top_k", 64)
+    model, _ = llmprune.load_model(a.model)
+    clock = _PausableClock()
+    train_module.time = clock  # the loop reads its clock through this name
+    t0 = clock.perf_counter()
+    with autocast(settings.get("precision", "auto"), torch.device("cpu")):
+        targets = topk_targets(model, ids, top_k, a.batch_size)  # on the dense weights: no copy
+    teacher_s = clock.perf_counter() - t0
+    blob = torch.load(WORK / f"{_tag(method, sparsity)}.pt")
+    with torch.no_grad():
+        for name, w in blob["weights"].items():
+            model.get_submodule(name).weight.copy_(w)
+    keep = blob["keep"]
+    del blob
+    marks = [c for c in CHECKPOINTS if c < a.budget]
+    snaps: list[dict] = []
+
+    def callback(step: int, m) -> None:
+        elapsed = clock.perf_counter() - t0
+        if marks and elapsed >= marks[0]:
+            marks.pop(0)
+            paused = time.perf_counter()
+            path = out.with_name(out.stem + f"_snap{len(snaps)}.pt")
+            _snapshot(m, path)
+            snaps.append({"at_s": elapsed, "step": step + 1, "path": str(path)})
+            clock.paused += time.perf_counter() - paused
+
+    info = recover(
+        model,
+        input_ids=ids,
+        method=a.recover_method,
+        keep_masks=keep,
+        teacher_targets=targets,
+        steps=10_000,
+        max_seconds=a.budget,
+        batch_size=a.batch_size,
+        callback=callback,
+        **settings,
+    )  # fmt: skip  (recover() pays the teacher pass, targets.seconds, from max_seconds)
+    row.update(seconds=info.seconds + teacher_s, train_seconds=info.seconds, teacher_seconds=teacher_s)
+    row.update(steps=info.steps_done, trainable=info.trainable_params, lr=info.options["lr"])
+    row.update(precision=info.options["precision"], top_k=top_k, snapshots=snaps)
+    row.update(gradient_checkpointing=info.options["gradient_checkpointing"])
+    row["peak_rss_mib"] = _peak_rss_mib()
+    row["s_per_step"] = info.seconds / max(1, info.steps_done)
+    row["mask_unchanged"] = _mask_kept(model, keep, None)
+    final = out.with_name(out.stem + "_final.pt")
+    torch.save({n: t for n, t in model.state_dict().items()}, final.with_suffix(".tmp"))
+    final.with_suffix(".tmp").replace(final)
+    row["final_state"] = str(final)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    save_json(out, row)
+
+
+def evaluate(a: argparse.Namespace) -> None:
+    """Score the snapshots and final states of ``e2e`` runs (untimed: run it at nice 19)."""
+    import llmprune
+    from llmprune.recovery import masking
+    from llmprune.recovery.perp import PerpOptions, PerpSession
+
+    torch.set_num_threads(a.threads)
+    wanted = (
+        {_tag(m, sp) for m, sp in (pair.split(":", 1) for pair in a.pairs.split(","))} if a.pairs else None
+    )
+    for path in sorted(WORK.glob("*_e2e_*.json")):
+        row = json.loads(path.read_text())
+        if "ppl_test" in row or (wanted and _tag(row["method"], row["sparsity"]) not in wanted):
+            continue
+        blob = torch.load(WORK / f"{_tag(row['method'], row['sparsity'])}.pt")
+        model, _ = llmprune.load_model(a.model)
+        model.load_state_dict(torch.load(row["final_state"]))
+        row["mask_unchanged"] = row["mask_unchanged"] and _mask_kept(model, blob["keep"], blob["weights"])
+        row.update({f"ppl_{k}": v for k, v in _perplexities(model, a.data).items()})
+        row["ppl_before_test"], row["ppl_before_valid"] = blob["ppl"], blob["ppl_valid"]
+        checkpoints = []
+        for snap in row.get("snapshots", []):
+            model, _ = llmprune.load_model(a.model)
+            with torch.no_grad():
+                for name, w in blob["weights"].items():
+                    model.get_submodule(name).weight.copy_(w)
+            state = torch.load(snap["path"])
+            session = None
+            if any(".lora_" in n for n in state):
+                opts = {k: v for k, v in row["settings"].items() if k in ("r", "alpha", "lora", "lm_head")}
+                targets = masking.resolve_targets(model, blob["keep"])
+                session = PerpSession(model, targets, PerpOptions(**opts))
+                session.attach()
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, t in state.items():
+                    params[name].copy_(t)
+            if session is not None:
+                session.finish()
+            test = window_perplexity(model, load_data(a.data, "test")[1])  # the tables' part only
+            checkpoints.append({"at_s": snap["at_s"], "step": snap["step"], "test": test})
+        row["checkpoints"] = checkpoints
+        save_json(path, row)
+        if a.keep_states is False:
+            for f in [row["final_state"], *(snap["path"] for snap in row.get("snapshots", []))]:
+                Path(f).unlink(missing_ok=True)
+        print(json.dumps({k: row[k] for k in ("method", "sparsity", "ppl_test", "ppl_valid")}), flush=True)
+
+
 def run_job(a: argparse.Namespace, kind: str, method: str, sparsity: str) -> None:
     import llmprune
     from llmprune.recovery import recover
     from llmprune.recovery import train as train_module
 
-    out = WORK / f"{_tag(method, sparsity)}_{kind}_{a.budget:.0f}s_{a.threads}t{a.suffix}.json"
+    name = f"e2e_{a.recover_method}" if kind == "e2e" else kind
+    out = WORK / f"{_tag(method, sparsity)}_{name}_{a.budget:.0f}s_{a.threads}t{a.suffix}.json"
     if out.exists():
         return
     torch.set_num_threads(a.threads)
     calib, _ = load_data(a.data)
     row: dict = {"method": method, "sparsity": sparsity, "kind": kind, "budget_s": a.budget}
     row.update(threads=a.threads, settings=_settings(a), batch=a.batch_size, suffix=a.suffix)
+    if kind == "e2e":
+        row["kind"] = f"e2e {a.recover_method}"
+        e2e_job(a, method, sparsity, out, row)
+        return
     if kind == "fused":
         model, tok = llmprune.load_model(a.model)
         start = time.perf_counter()
@@ -201,7 +332,8 @@ def _with_gaps(row: dict, dense: dict[str, float]) -> dict:
         before = row[f"ppl_before_{part}"]
         row[f"gap_{part}"] = (before - row[f"ppl_{part}"]) / (before - dense[part])
         for c in row.get("checkpoints", []):
-            c[f"gap_{part}"] = (before - c[part]) / (before - dense[part])
+            if part in c:  # e2e snapshots are scored on the test part only
+                c[f"gap_{part}"] = (before - c[part]) / (before - dense[part])
     return row
 
 
@@ -210,9 +342,15 @@ def _gap(r: dict, part: str) -> str:
     return "–" if g is None else f"{100 * g:.0f} %"
 
 
+def _teacher(r: dict) -> str:
+    """e2e rows: what the teacher pass took of the budget."""
+    return f" (teacher pass {r['teacher_seconds']:.0f} s)" if "teacher_seconds" in r else ""
+
+
 def report(a: argparse.Namespace) -> None:
     dense = json.loads((WORK / "dense.json").read_text())
-    rows = [_with_gaps(json.loads(p.read_text()), dense) for p in sorted(WORK.glob("*_*s_*t*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(WORK.glob("*_*s_*t*.json"))]
+    rows = [_with_gaps(r, dense) for r in rows if "ppl_test" in r]  # e2e rows: after `evaluate`
     order = {m: i for i, m in enumerate(["magnitude", "wanda", "sparsegpt", "icbs"])}
     rows.sort(key=lambda r: (r["sparsity"], order.get(r["method"], 9), r["kind"], r["budget_s"]))
     save_json(a.out, rows)
@@ -224,7 +362,8 @@ def report(a: argparse.Namespace) -> None:
     table, sweep, checkpoints = list(head), list(head), []
     for r in rows:
         line = (
-            f"| {r['method']} {r['sparsity']} | {r['kind']} {r.get('suffix', '')} | {r['budget_s']:.0f} s "
+            f"| {r['method']} {r['sparsity']} | {r['kind']} {r.get('suffix', '')}{_teacher(r)} "
+            f"| {r['budget_s']:.0f} s "
             f"| {r.get('ppl_before_test', float('nan')):.2f} | {r['ppl_test']:.2f} | {_gap(r, 'test')} "
             f"| {_gap(r, 'valid')} | {r['steps']} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} MiB "
             f"| {'yes' if r['mask_unchanged'] else 'NO'} |"
@@ -254,11 +393,13 @@ def report(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["prune", "run", "report", "job"])
+    p.add_argument("command", choices=["prune", "run", "evaluate", "report", "job"])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--pairs", default="wanda:0.5", help="method:sparsity,… (sparsity may be N:M)")
-    p.add_argument("--kinds", default="blockwise", help="perp, blockwise, fused (comma-separated)")
-    p.add_argument("--recover_method", default="perp", help="perp or lift (blockwise and fused)")
+    p.add_argument(
+        "--pairs", help="method:sparsity,… (sparsity may be N:M; default wanda:0.5; evaluate: all)"
+    )
+    p.add_argument("--kinds", default="e2e", help="e2e, perp, blockwise, fused (comma-separated)")
+    p.add_argument("--recover_method", default="perp", help="perp or lift (e2e, blockwise and fused)")
     p.add_argument("--budget", type=float, default=600)
     p.add_argument("--steps", type=int, help="steps (per block for blockwise/fused)")
     p.add_argument("--lr", type=float)
@@ -268,10 +409,16 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("bench_out/data"))
     p.add_argument("--out", type=Path, default=Path("bench_out/recovery.json"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--keep_states",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate: keep the e2e runs' saved states after scoring them",
+    )
     p.add_argument("--job", help=argparse.SUPPRESS)
     a = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    pairs = [pair.split(":", 1) for pair in a.pairs.split(",")]
+    pairs = [pair.split(":", 1) for pair in (a.pairs or "wanda:0.5").split(",")]
     if a.command == "job":
         kind, method, sparsity = a.job.split("|")
         if kind == "prune":
@@ -283,6 +430,9 @@ def main() -> None:
         return
     if a.command == "report":
         report(a)
+        return
+    if a.command == "evaluate":
+        evaluate(a)
         return
     forward = sys.argv[2:]
     jobs = [("dense", "-", "-")]

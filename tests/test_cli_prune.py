@@ -219,6 +219,23 @@ def test_recovery_that_needs_the_dense_model_gets_a_copy(tiny_checkpoint, capsys
     assert summary["recovery"]["options"]["distill"] == expected
 
 
+def test_distilling_recovery_keeps_no_dense_copy(tiny_checkpoint, capsys, monkeypatch):
+    """Catches ``prune --recover`` going back to a deep-copied live teacher (the model twice in memory):
+    the dense model's top-k targets are computed before pruning instead."""
+    import types
+
+    import llmprune.cli.prune as cli_prune
+
+    def no_copy(obj, memo=None):
+        raise AssertionError("a dense copy was made")
+
+    monkeypatch.setattr(cli_prune, "copy", types.SimpleNamespace(deepcopy=no_copy))
+    folder, text = tiny_checkpoint
+    assert main(_args(folder, text, "--recover", "perp", "--recover_steps", "2", "--json")) == 0
+    options = json.loads(capsys.readouterr().out)["recovery"]["options"]
+    assert options["teacher_top_k"] == 64 and options["distill"] == 1.0
+
+
 def test_recover_distill_without_a_teacher_fails_before_loading(tmp_path, capsys):
     assert main(["recover", "--model", str(tmp_path / "missing"), "--distill", "0.5"]) == 2
     assert "--distill needs --dense_model" in capsys.readouterr().err  # not "model not found"

@@ -133,7 +133,13 @@ def run(args: argparse.Namespace) -> int:
     fused = recipe.recover.method is not None and recipe.recover.mode == "reconstruct"  # inside the pass
     fused_kwargs = recipe.fused_recover_kwargs() if fused else {}
     keep_dense = recipe.recover.needs_dense_model and not fused and comm.is_main
-    teacher = copy.deepcopy(model) if keep_dense else None
+    recover_ids, targets = None, None
+    if keep_dense and recipe.recover.mode == "retrain":  # distillation: the dense model's targets, now
+        from llmprune.recovery.api import dense_targets
+
+        recover_ids = _recovery_windows(recipe, model, tok, None)
+        targets = dense_targets(model, recover_ids, recipe.recover_kwargs())
+    teacher = copy.deepcopy(model) if keep_dense and targets is None else None  # live teacher, reconstruct
     t0 = time.perf_counter()
     result = llmprune.prune(
         model, tok, **recipe.prune_kwargs(), checkpoint_dir=checkpoint_dir, resume=args.resume, **fused_kwargs
@@ -143,28 +149,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     recovery = result.recovery
     if recipe.recover.method and not fused:
-        from llmprune.calibration.data import calibration_tokens
-        from llmprune.calibration.settings import calibration_size
         from llmprune.recovery import recover
 
-        windows = recipe.recover_windows_kwargs()
-        windows["num_samples"] = windows["num_samples"] or result.num_calibration_samples or None
-        windows["seq_len"] = windows["seq_len"] or result.max_seq_length or None
-        windows["num_samples"], windows["seq_len"] = calibration_size(
-            model, windows["source"], windows["num_samples"], windows["seq_len"]
-        )
-        ids = calibration_tokens(
-            windows.pop("source"),
-            tok,
-            windows["num_samples"],
-            windows["seq_len"],
-            windows["seed"],
-            model=model,
-        )
+        ids = recover_ids if recover_ids is not None else _recovery_windows(recipe, model, tok, result)
         recovery = recover(
-            model, input_ids=ids, keep_masks=result.keep_masks, dense_model=teacher, **recipe.recover_kwargs()
-        )
-        del teacher
+            model, input_ids=ids, keep_masks=result.keep_masks, dense_model=teacher, teacher_targets=targets,
+            **recipe.recover_kwargs(),
+        )  # fmt: skip
+        del teacher, targets
     pruned = _scores(model, tok, recipe, args.skip_eval)
     summary = _summary(recipe, result, prune_seconds, dense, pruned, recovery)
     if recipe.output_dir:
@@ -306,6 +298,20 @@ def _resolved_sizes(recipe, result):
 
 def _command() -> str | None:
     return "llmprune " + " ".join(sys.argv[1:]) if "prune" in sys.argv else None
+
+
+def _recovery_windows(recipe, model, tok, result):
+    """The recovery training windows: the recover section's data settings, else the calibration's (as
+    the pruning resolved them when ``result`` is given; before pruning, resolved the same way)."""
+    from llmprune.calibration.data import calibration_tokens
+    from llmprune.calibration.settings import calibration_size
+
+    windows = recipe.recover_windows_kwargs()
+    if result is not None:
+        windows["num_samples"] = windows["num_samples"] or result.num_calibration_samples or None
+        windows["seq_len"] = windows["seq_len"] or result.max_seq_length or None
+    count, seq_len = calibration_size(model, windows["source"], windows["num_samples"], windows["seq_len"])
+    return calibration_tokens(windows["source"], tok, count, seq_len, windows["seed"], model=model)
 
 
 def _summary(recipe, result, prune_seconds: float, dense, pruned, recovery) -> dict[str, Any]:

@@ -49,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: ``--option`` keys of every method: how the training runs (``recover()``'s keywords and defaults)
+TRAINING_OPTIONS: dict[str, Any] = {"precision": "auto", "gradient_checkpointing": True, "teacher_top_k": 64}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recover", help="retrain a pruned model (PERP or LIFT) without losing its zeros")
     g = p.add_argument_group("model")
@@ -74,7 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--warmup_ratio", type=float, help="linear warmup fraction (default 0.1)")
     g.add_argument("--weight_decay", type=float, help="decoupled weight decay (default 0)")
     g.add_argument("--optim", choices=["adamw", "adamw_8bit"], help="adamw (default) or bitsandbytes 8-bit")
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (r, lora, rank…)")
+    g.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method option (r, lora, rank…), or precision=float32|bfloat16, gradient_checkpointing=false, "
+        "teacher_top_k=K",
+    )
     g = p.add_argument_group("training data")
     g.add_argument("--dataset", help="training text: file, folder, Hub dataset, c4 (default built-in)")
     g.add_argument("--num_calibration_samples", type=int, help="training windows (default 256)")
@@ -141,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = resolve(args)
     options = parse_options(args.option or [])  # the recipes' YAML scalars: '2:4' stays text
-    allowed = method_options(s["method"])  # fail before loading anything
+    allowed = {**method_options(s["method"]), **TRAINING_OPTIONS}  # fail before loading anything
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ConfigError(f"unknown {s['method']} option {unknown[0]!r}: use one of {', '.join(allowed)}.")
@@ -181,12 +191,19 @@ def run(args: argparse.Namespace) -> int:
 
     before = measure()
     ids = calibration_tokens(s["dataset"], tok, s["num_calibration_samples"], s["max_seq_length"], s["seed"])
+    kwargs, targets = recover_kwargs(s, options), None
+    if dense is not None and s["mode"] == "retrain":
+        from llmprune.recovery.api import dense_targets
+
+        targets = dense_targets(dense, ids, kwargs)
+        dense = dense if targets is None else None  # the targets replace the teacher: freed before training
     result = recover(
         model,
         input_ids=ids,
         keep_masks=_saved_keep_masks(s["model"]),
         dense_model=dense,
-        **recover_kwargs(s, options),
+        teacher_targets=targets,
+        **kwargs,
     )
     after = measure()
     summary = {

@@ -7,7 +7,15 @@ exactly zero and the keep mask unchanged.
 >>> result = recover(model, method="perp", input_ids=windows, steps=200)  # doctest: +SKIP
 """
 
-from llmprune.recovery.api import DEFAULT_LR, METHODS, MODES, RecoveryResult, method_options, recover
+from llmprune.recovery.api import (
+    DEFAULT_LR,
+    DEFAULT_TEACHER_TOP_K,
+    METHODS,
+    MODES,
+    RecoveryResult,
+    method_options,
+    recover,
+)
 from llmprune.recovery.masking import SparsityViolation, keep_masks_from_zeros
 
 #: keywords shared by every method (CLI flags and recipe keys use the same names)
@@ -23,11 +31,15 @@ COMMON_OPTIONS = (
     "optim",
     "seed",
     "mode",
+    "precision",
+    "gradient_checkpointing",
+    "teacher_top_k",
 )
 
 __all__ = [
     "COMMON_OPTIONS",
     "DEFAULT_LR",
+    "DEFAULT_TEACHER_TOP_K",
     "METHODS",
     "MODES",
     "RecoveryResult",

@@ -16,11 +16,13 @@ from torch import Tensor, nn
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.preflight import check_teacher, check_typed
 from llmprune.recovery import blockwise, masking
+from llmprune.recovery.checkpointing import checkpointed_blocks
 from llmprune.recovery.full import FULL_LR, FullOptions, FullSession
 from llmprune.recovery.heap import reuse_freed_memory
 from llmprune.recovery.lift import LiftOptions, LiftSession
 from llmprune.recovery.losses import retraining_loss
 from llmprune.recovery.perp import PerpOptions, PerpSession
+from llmprune.recovery.precision import autocast, resolve_precision
 from llmprune.recovery.reconstruct import reconstruct
 from llmprune.recovery.teacher import TopKTargets, topk_targets
 from llmprune.recovery.train import LoopResult, TrainSettings, index_batches, run
@@ -37,6 +39,8 @@ MODES = ("retrain", "reconstruct")
 #: (held-out ppl 381.7 pruned, 28.9 dense): perp 1e-3/3e-3/1e-2 -> 81.5/71.8/87.8;
 #: lift 1e-4/1e-3/3e-3 -> 189.8/89.5/77.1. Short recoveries want higher rates than the papers' long runs.
 DEFAULT_LR = {"perp": 3e-3, "lift": 3e-3, "full": FULL_LR}
+#: teacher probabilities kept per position when distilling from a dense model (None = a live teacher)
+DEFAULT_TEACHER_TOP_K = 64
 
 
 def method_options(method: str) -> dict[str, Any]:
@@ -109,8 +113,10 @@ def recover(
     mode: str = "retrain",
     dense_model: nn.Module | None = None,
     distill: float | None = None,
-    teacher_top_k: int | None = None,
+    teacher_top_k: int | None = DEFAULT_TEACHER_TOP_K,
     teacher_targets: TopKTargets | None = None,
+    precision: str = "auto",
+    gradient_checkpointing: bool = True,
     callback: Callable[[int, nn.Module], None] | None = None,
     **options: Any,
 ) -> RecoveryResult:
@@ -127,10 +133,16 @@ def recover(
     is given, else 0 (distillation recovered more in every measured case: docs/benchmarks.md). The model
     comes back as plain Linear weights (adapters merged), in its original train/eval mode. Dropout is off
     while training.
-    ``teacher_top_k=k`` distils from the dense model's top-k probabilities (the rest of the mass as one
-    bucket), computed once before training instead of a teacher forward per step; ``teacher_targets``
-    passes such targets computed earlier (:func:`llmprune.recovery.teacher.topk_targets` on the same
-    ``input_ids``, e.g. before pruning), so no dense copy needs to be in memory at all.
+    ``teacher_top_k=k`` (default 64) distils from the dense model's top-k probabilities (the rest of the
+    mass as one bucket), computed once before training instead of a teacher forward per step. ``None``
+    keeps the live teacher. ``teacher_targets`` passes such targets computed earlier
+    (:func:`llmprune.recovery.teacher.topk_targets` on the same ``input_ids``, e.g. before pruning), so
+    no dense copy needs to be in memory at all. Either way the teacher pass (``TopKTargets.seconds``) is
+    paid from ``max_seconds``.
+    ``precision`` (retrain): ``"auto"`` runs the forward passes under bfloat16 autocast where the device
+    has native bf16 (float32 master weights and merge: :mod:`llmprune.recovery.precision`), else
+    float32. ``gradient_checkpointing`` (retrain): recompute each decoder block's activations in
+    backward instead of keeping them all (:mod:`llmprune.recovery.checkpointing`).
     ``callback(step, model)`` runs after every optimiser step.
 
     >>> result = recover(model, input_ids=calibration_tokens(None, tok, 64, 256), steps=200)  # doctest: +SKIP
@@ -172,6 +184,8 @@ def recover(
             f"distill={distill} needs dense_model=<the dense model before pruning> as the teacher "
             "(or distill=0)."
         )
+    device = next(model.parameters()).device
+    compute_dtype = resolve_precision(precision, device)  # checked before any work
     if dense_model is not None:
         check_teacher(getattr(model, "config", None), getattr(dense_model, "config", None), "dense_model")
     if mode == "reconstruct":
@@ -201,9 +215,15 @@ def recover(
             f"the keep masks mark weights as pruned that are not zero (e.g. {bad[0][0]}: {bad[0][1]}): "
             "prune the model first (write the zeros), or pass the masks that match it."
         )
-    device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    teacher = (teacher_targets or dense_model) if distill > 0 else None
+    if teacher_top_k is not None and isinstance(teacher, nn.Module):
+        with autocast(precision, next(teacher.parameters()).device):
+            teacher = topk_targets(teacher, input_ids, teacher_top_k, settings.batch_size)
+        log.info("teacher top-%d targets of %d windows in %.1f s", teacher.k, len(input_ids), teacher.seconds)
+    if isinstance(teacher, TopKTargets):
+        _pay_teacher_pass(settings, teacher.seconds)
     total_params = sum(p.numel() for p in model.parameters())
     sparsity_before = masking.sparsity(targets)
     was_training = model.training
@@ -243,10 +263,9 @@ def recover(
                     if callback is not None:
                         callback(step, model)
 
-                teacher = (teacher_targets or dense_model) if distill > 0 else None
-                if teacher_top_k is not None and isinstance(teacher, nn.Module):
-                    teacher = topk_targets(teacher, input_ids, teacher_top_k, settings.batch_size)
-                loop, details = _retrain(model, session, input_ids, settings, on_step, teacher, distill), {}
+                with checkpointed_blocks(model, gradient_checkpointing):
+                    loop = _retrain(model, session, input_ids, settings, on_step, teacher, distill, precision)
+                details = {}
             except BaseException:
                 session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
                 model.train(was_training)
@@ -257,6 +276,9 @@ def recover(
     masking.enforce(targets)  # canonical +0.0 at every pruned entry
     if isinstance(session, LiftSession):
         details["refreshes"] = session.refreshes
+    if isinstance(teacher, TopKTargets):
+        details["teacher_top_k"] = teacher.k
+        details["teacher_seconds"] = teacher.seconds
     tokens = loop.steps_done * settings.gradient_accumulation_steps * min(batch_size, len(input_ids))
     return RecoveryResult(
         method=method,
@@ -278,9 +300,39 @@ def recover(
             "method": method,
             "mode": mode,
             "distill": distill,
+            "precision": compute_dtype if mode == "retrain" else "float32",
+            "gradient_checkpointing": gradient_checkpointing and mode == "retrain",
+            "teacher_top_k": teacher.k if isinstance(teacher, TopKTargets) else None,
         },
         details=details,
     )
+
+
+def dense_targets(model: nn.Module, input_ids: Tensor, recover_kwargs: dict[str, Any]) -> TopKTargets | None:
+    """The dense ``model``'s top-k targets for a later ``recover(**recover_kwargs)``: computed before
+    pruning (``llmprune prune --recover``), so no dense copy is kept, or from a loaded dense checkpoint
+    that can then be freed (``llmprune recover --dense_model``); None when those settings want a live
+    teacher (``teacher_top_k=None``) or no distillation (``distill=0``)."""
+    k = recover_kwargs.get("teacher_top_k", DEFAULT_TEACHER_TOP_K)
+    if k is None or recover_kwargs.get("distill") == 0:
+        return None
+    batch_size = recover_kwargs.get("batch_size") or 4
+    with autocast(recover_kwargs.get("precision", "auto"), next(model.parameters()).device):
+        return topk_targets(model, input_ids, k, batch_size)
+
+
+def _pay_teacher_pass(settings: TrainSettings, seconds: float) -> None:
+    """The time budget covers the teacher pass that made the targets (here or before pruning): the
+    training loop gets what is left of ``max_seconds``."""
+    if settings.max_seconds is None:
+        return
+    left = settings.max_seconds - seconds
+    if left <= 0:
+        log.warning(
+            "the teacher pass took %.0f s of the %.0f s budget: one training step only", seconds,
+            settings.max_seconds,
+        )  # fmt: skip
+    settings.max_seconds = max(left, 1e-3)
 
 
 def _retrain(
@@ -291,6 +343,7 @@ def _retrain(
     on_step,
     teacher: nn.Module | TopKTargets | None = None,
     distill: float = 0.0,
+    precision: str = "float32",
 ) -> LoopResult:
     """Causal-LM loss on the token windows, mixed with distillation from ``teacher`` when ``distill > 0``.
 
@@ -309,11 +362,14 @@ def _retrain(
         batch = input_ids[rows].to(device)
         target = None
         if live:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, teacher_device):
                 target = teacher(input_ids=batch.to(teacher_device), use_cache=False).logits.to(device)
         elif teacher is not None:
             target = teacher.rows(rows)
-        logits = model(input_ids=batch, use_cache=False).logits
+        # a fresh autocast context per step: autocast caches the bf16 copies of trained leaves (LoRA's A
+        # and B) until its outermost context exits, and one context around the loop would train stale copies
+        with autocast(precision, device):
+            logits = model(input_ids=batch, use_cache=False).logits
         return retraining_loss(logits, batch, target, distill)
 
     params = session.parameters()

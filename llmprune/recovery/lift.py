@@ -5,7 +5,11 @@ weight (SVD). On a pruned model the choice is restricted to kept entries, or tra
 weights. K defaults to ``(m + n)·rank`` (the parameter count of a rank-r LoRA), about 5 % of a matrix.
 
 The optimiser keeps AdamW moments for the K selected entries only (``2·K`` floats per matrix, not
-``m·n``) as ``(index, value)`` pairs. Every ``update_interval`` steps the selection is recomputed from the
+``m·n``) as ``(index, value)`` pairs, and in a session the gradient too: a hook keeps the K selected
+entries of each weight's gradient as soon as backward has made it and frees the full one, so the
+gradients of all the model's Linears are never alive at once (425 MB on SmolLM2). The copy that puts
+the weights back after a failure holds only the entries ever selected, not every weight.
+Every ``update_interval`` steps the selection is recomputed from the
 current weights; moments are carried for entries in both the old and the new selection, new entries
 start at zero. Weight decay is decoupled and really applied to the selected entries (the reference
 writes it into an indexed copy, so it does nothing). Norms, biases, embeddings and lm_head stay frozen.
@@ -128,6 +132,34 @@ class SparseAdamW(torch.optim.Optimizer):
         state.update(index=index, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         state.setdefault("step", 0)
 
+    def compact_gradients(self) -> list:
+        """From now on keep only the selected entries of each gradient (summed over micro-batches) and
+        drop the full ``p.grad`` as soon as backward has written it. Returns the hook handles."""
+        handles = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                handles.append(p.register_post_accumulate_grad_hook(self._compact))
+        return handles
+
+    @torch.no_grad()
+    def _compact(self, p: nn.Parameter) -> None:
+        state = self.state[p]
+        picked = p.grad.reshape(-1).index_select(0, state["index"]).float()
+        state["grad"] = picked if state.get("grad") is None else state["grad"].add_(picked)
+        p.grad = None
+
+    def _grad(self, p: nn.Parameter) -> Tensor | None:
+        """The selected entries of ``p``'s gradient (K,), compacted or taken from ``p.grad``."""
+        state = self.state[p]
+        if state.get("grad") is not None:
+            return state["grad"]
+        return None if p.grad is None else p.grad.reshape(-1).index_select(0, state["index"]).float()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for state in self.state.values():
+            state["grad"] = None
+
     def state_numel(self, p: nn.Parameter) -> int:
         """Floats of optimiser state held for ``p``: ``2·K``."""
         state = self.state[p]
@@ -136,20 +168,17 @@ class SparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip by the norm of the selected gradient entries (the others are never used)."""
-        grads = [
-            p.grad.reshape(-1).index_select(0, self.state[p]["index"])
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        ]
+        grads = [x for g in self.param_groups for p in g["params"] if (x := self._grad(p)) is not None]
         if not grads:
             return 0.0
-        total = float(torch.linalg.vector_norm(torch.cat([x.float() for x in grads])))
+        total = float(torch.linalg.vector_norm(torch.cat(grads)))
         if total > max_norm:
             for g in self.param_groups:
                 for p in g["params"]:
                     if p.grad is not None:
                         p.grad.mul_(max_norm / (total + 1e-6))
+                    if self.state[p].get("grad") is not None:
+                        self.state[p]["grad"].mul_(max_norm / (total + 1e-6))
         return total
 
     @torch.no_grad()
@@ -159,11 +188,11 @@ class SparseAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             for p in group["params"]:
-                if p.grad is None:
+                grad = self._grad(p)  # (K,)
+                if grad is None:
                     continue
                 state = self.state[p]
                 index = state["index"]
-                grad = p.grad.reshape(-1).index_select(0, index).float()  # (K,)
                 state["step"] += 1
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1.0 - beta1)
@@ -177,6 +206,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     values.mul_(1.0 - lr * wd)  # decoupled decay, on the real weights
                 values.addcdiv_(exp_avg, denom, value=-lr / bias1)
                 flat.index_copy_(0, index, values.to(p.dtype))
+                state["grad"] = None
         return loss
 
 
@@ -191,12 +221,12 @@ class LiftSession:
         self._names: dict[int, str] = {}
         self.optimizer_: SparseAdamW | None = None
         self.refreshes = 0
+        self._originals: dict[int, tuple[nn.Parameter, Tensor, Tensor]] = {}  # id -> (weight, index, values)
+        self._hooks: list = []
 
     def attach(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
-        # the weights are trained in place: a copy (on CPU) gives them back if the run fails or diverges
-        self._backup = [(m.weight, m.weight.detach().to("cpu", copy=True)) for m, _ in self.targets.values()]
         for name, (module, keep) in self.targets.items():
             weight = module.weight
             weight.requires_grad_(True)
@@ -204,10 +234,25 @@ class LiftSession:
             self._names[id(weight)] = name
             self.indices[name] = self._select(weight)
 
+    @torch.no_grad()
+    def _remember(self, weight: nn.Parameter, index: Tensor) -> None:
+        """Keep (on CPU) the values of entries selected for the first time: only selected entries are
+        ever trained, so these are all that a failed run has to put back."""
+        _, seen, values = self._originals.get(
+            id(weight), (weight, index[:0], weight.new_empty(0, device="cpu"))
+        )
+        new = index[~torch.isin(index, seen.to(index.device))]
+        if new.numel():
+            seen = torch.cat([seen, new.cpu()])
+            values = torch.cat([values, weight.detach().reshape(-1).index_select(0, new).cpu()])
+        self._originals[id(weight)] = (weight, seen.cpu(), values)
+
     def _select(self, weight: nn.Parameter) -> Tensor:
         keep = self._keep[id(weight)]
         k = self.options.budget(tuple(weight.shape), int(keep.sum()))
-        return principal_indices(weight, keep, self.options.rank, k, self.options.svd, self.options.niter)
+        index = principal_indices(weight, keep, self.options.rank, k, self.options.svd, self.options.niter)
+        self._remember(weight, index)
+        return index
 
     def parameters(self, scope: nn.Module | None = None) -> list[nn.Parameter]:
         """The trained weights (all of them, or those inside ``scope``)."""
@@ -224,6 +269,7 @@ class LiftSession:
             )
         pairs = [(p, self.indices[self._names[id(p)]]) for p in params]
         self.optimizer_ = SparseAdamW(pairs, lr=settings.lr, weight_decay=settings.weight_decay)
+        self._hooks = self.optimizer_.compact_gradients()
         return self.optimizer_
 
     def after_step(self, step: int) -> None:
@@ -248,8 +294,13 @@ class LiftSession:
     def finish(self, merge: bool = True) -> None:
         """Restore ``requires_grad``; ``merge=False`` (a failed or diverged run) also puts the weights back
         as they were before training, as PERP does by dropping its adapters."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         if not merge:
-            for weight, saved in getattr(self, "_backup", []):
-                weight.copy_(saved.to(weight.device))
-        self._backup = []
+            for weight, index, values in self._originals.values():
+                weight.view(-1).index_copy_(
+                    0, index.to(weight.device), values.to(weight.device, weight.dtype)
+                )
+        self._originals = {}
         self._grad_flags.restore()

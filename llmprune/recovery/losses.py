@@ -79,7 +79,7 @@ class _MixedLoss(torch.autograd.Function):
             grad[rows] = chunk_grad
         ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype
-        return total.to(logits.dtype)
+        return total.to(dtype)  # float32 for bf16 logits too: a loss rounded to bf16 hides progress
 
     @staticmethod
     @torch.autograd.function.once_differentiable

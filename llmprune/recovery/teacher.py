@@ -12,6 +12,7 @@ exact when k equals the vocabulary.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class TopKTargets:
     indices: Tensor  # (N, L, k) int64 token ids
     probs: Tensor  # (N, L, k) float32 teacher probabilities
     rest: Tensor  # (N, L) float32 the mass of every other token, summed directly (not 1 − Σ probs)
+    seconds: float = 0.0  # what the teacher pass took (recovery pays it from its time budget)
 
     @property
     def k(self) -> int:
@@ -47,6 +49,7 @@ def topk_targets(teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int 
     """Run ``teacher`` once over ``input_ids`` (N, L) and keep the top-``k`` next-token probabilities."""
     if k < 1:
         raise ConfigError(f"teacher_top_k must be >= 1 (or None for a live teacher), got {k}.")
+    start = time.perf_counter()
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
@@ -64,4 +67,6 @@ def topk_targets(teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int 
             del log_p, others
     finally:
         teacher.train(was_training)
-    return TopKTargets(input_ids, torch.cat(indices), torch.cat(probs), torch.cat(rest))
+    targets = TopKTargets(input_ids, torch.cat(indices), torch.cat(probs), torch.cat(rest))
+    targets.seconds = time.perf_counter() - start
+    return targets
