@@ -177,3 +177,21 @@ def test_allocate_matches_brute_force():
                     err = sum(block_err[i] if i in drop else width[i][k] + heads[i][gq] for i in range(n))
                     best = min(best, err)
     assert alloc.error == pytest.approx(best)
+
+
+def test_spd_inverse_matches_lu_per_matrix_and_falls_back_where_cholesky_refuses():
+    """Batched Cholesky inverse (which replaced a batched LU that torch 2.13 rejected at 2 threads on
+    SmolLM2's o_proj blocks) against torch's LU inverse taken one matrix at a time; an indefinite
+    matrix in the batch, which Cholesky refuses, is still inverted (by LU) instead of left garbage."""
+    from llmprune.structured.scores import spd_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 24, 24, generator=gen, dtype=torch.float64)
+    spd = x @ x.mT + 0.1 * torch.eye(24, dtype=torch.float64)
+    spd[2] = torch.diag(torch.tensor([1.0, -2.0] + [3.0] * 22, dtype=torch.float64))  # indefinite
+    out = spd_inverse(spd)
+    for a, inv in zip(spd, out, strict=True):
+        assert torch.allclose(inv, torch.linalg.inv(a), rtol=1e-9, atol=1e-12)
+    single = spd_inverse(spd[0])
+    assert single.shape == (24, 24)
+    assert torch.allclose(single, torch.linalg.inv(spd[0]), rtol=1e-9, atol=1e-12)
