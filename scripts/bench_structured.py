@@ -456,7 +456,7 @@ def _speed_plan(row: dict[str, Any], measured: dict[str, float]) -> list[str]:
     dec, threads = plan["time_model"]["decode"], plan["time_model"]["measured"]["settings"]["threads"]
     pred = plan["predicted"]
     text = (
-        f"Its time model (measured at the start of the run, {threads} thread(s), niced beside the other "
+        f"Its time model (measured at the start of the run, {threads} thread(s), beside the other "
         f"jobs): decode {1e3 * dec['other']:.1f} ms per token outside the blocks, "
         f"{1e3 * dec['fixed']:.2f} ms per block + {1e9 * dec['per_param']:.3f} ms per million block "
         f"weights; target {plan['min_decode_speedup']:g}×, chosen split predicted "
