@@ -49,10 +49,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-#: ``--option`` keys of every method: how the training runs (``recover()``'s keywords and defaults)
-TRAINING_OPTIONS: dict[str, Any] = {"precision": "auto", "gradient_checkpointing": True, "teacher_top_k": 64}
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recover", help="retrain a pruned model (PERP or LIFT) without losing its zeros")
     g = p.add_argument_group("model")
@@ -146,12 +142,12 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.evaluation.perplexity import perplexity
     from llmprune.io.models import load_model
     from llmprune.preflight import before_loading, check_teacher, check_typed, max_positions
-    from llmprune.recovery import method_options, recover
+    from llmprune.recovery import RUN_OPTIONS, method_options, recover
     from llmprune.recovery.api import distill_problem
 
     s = resolve(args)
     options = parse_options(args.option or [])  # the recipes' YAML scalars: '2:4' stays text
-    allowed = {**method_options(s["method"]), **TRAINING_OPTIONS}  # fail before loading anything
+    allowed = {**method_options(s["method"]), **RUN_OPTIONS}  # fail before loading anything
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ConfigError(f"unknown {s['method']} option {unknown[0]!r}: use one of {', '.join(allowed)}.")

@@ -12,6 +12,7 @@ from llmprune.recovery.api import (
     DEFAULT_TEACHER_TOP_K,
     METHODS,
     MODES,
+    RUN_OPTIONS,
     RecoveryResult,
     method_options,
     recover,
@@ -31,9 +32,7 @@ COMMON_OPTIONS = (
     "optim",
     "seed",
     "mode",
-    "precision",
-    "gradient_checkpointing",
-    "teacher_top_k",
+    *RUN_OPTIONS,
 )
 
 __all__ = [
@@ -42,6 +41,7 @@ __all__ = [
     "DEFAULT_TEACHER_TOP_K",
     "METHODS",
     "MODES",
+    "RUN_OPTIONS",
     "RecoveryResult",
     "SparsityViolation",
     "keep_masks_from_zeros",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import resource
 import sys
@@ -219,8 +220,7 @@ def recover(
         torch.cuda.reset_peak_memory_stats(device)
     teacher = (teacher_targets or dense_model) if distill > 0 else None
     if teacher_top_k is not None and isinstance(teacher, nn.Module):
-        with autocast(precision, next(teacher.parameters()).device):
-            teacher = topk_targets(teacher, input_ids, teacher_top_k, settings.batch_size)
+        teacher = _teacher_pass(teacher, input_ids, teacher_top_k, settings.batch_size, precision)
         log.info("teacher top-%d targets of %d windows in %.1f s", teacher.k, len(input_ids), teacher.seconds)
     if isinstance(teacher, TopKTargets):
         _pay_teacher_pass(settings, teacher.seconds)
@@ -308,6 +308,13 @@ def recover(
     )
 
 
+#: recover()'s keywords on how training runs, with their defaults: ``--option`` keys of every method
+RUN_OPTIONS: dict[str, Any] = {
+    key: inspect.signature(recover).parameters[key].default
+    for key in ("precision", "gradient_checkpointing", "teacher_top_k")
+}
+
+
 def dense_targets(model: nn.Module, input_ids: Tensor, recover_kwargs: dict[str, Any]) -> TopKTargets | None:
     """The dense ``model``'s top-k targets for a later ``recover(**recover_kwargs)``: computed before
     pruning (``llmprune prune --recover``), so no dense copy is kept, or from a loaded dense checkpoint
@@ -316,9 +323,17 @@ def dense_targets(model: nn.Module, input_ids: Tensor, recover_kwargs: dict[str,
     k = recover_kwargs.get("teacher_top_k", DEFAULT_TEACHER_TOP_K)
     if k is None or recover_kwargs.get("distill") == 0:
         return None
-    batch_size = recover_kwargs.get("batch_size") or 4
-    with autocast(recover_kwargs.get("precision", "auto"), next(model.parameters()).device):
-        return topk_targets(model, input_ids, k, batch_size)
+    batch_size = recover_kwargs.get("batch_size") or TrainSettings.batch_size
+    precision = recover_kwargs.get("precision", RUN_OPTIONS["precision"])
+    return _teacher_pass(model, input_ids, k, batch_size, precision)
+
+
+def _teacher_pass(
+    teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int, precision: str
+) -> TopKTargets:
+    """The dense model's top-k targets, its forwards in the precision training will use."""
+    with autocast(precision, next(teacher.parameters()).device):
+        return topk_targets(teacher, input_ids, k, batch_size)
 
 
 def _pay_teacher_pass(settings: TrainSettings, seconds: float) -> None:

@@ -77,15 +77,15 @@ def measure_time_model(
                 dec[name].append(decode_seconds(m, prompt, new_tokens) / new_tokens)
     finally:
         model.train(was_training)
-    med = {
+    fastest = {
         "prefill": {n: min(v) for n, v in pre.items()},
         "decode": {n: min(v) for n, v in dec.items()},
     }
     steps = {
-        k: fit_step_time(v["dense"], v["half"], v["narrow"], c, dropped, channels) for k, v in med.items()
+        k: fit_step_time(v["dense"], v["half"], v["narrow"], c, dropped, channels) for k, v in fastest.items()
     }
     measured = {
-        "seconds_per_step": med,
+        "seconds_per_step": fastest,
         "variants": {
             "half": f"{c.num_blocks - dropped} blocks",
             "narrow": f"{c.num_blocks - dropped} blocks of {c.width - channels} channels",
