@@ -241,8 +241,8 @@ class PruneSection:
 @dataclass
 class RecoverSection:
     """Keywords of ``llmprune.recovery.recover``; ``recover_steps``/``recover_max_seconds`` are its
-    ``steps``/``max_seconds`` (prefixed so the CLI flags are unambiguous). ``None`` data settings
-    fall back to the calibration section's."""
+    ``steps``/``max_seconds`` (prefixed so the CLI flags are unambiguous). ``None`` data settings take
+    ``llmprune.recovery.windows``' defaults: the calibration text, other windows than the pruning's."""
 
     method: str | None = None  # perp | lift | None (no recovery)
     recover_steps: int | None = None  # None: 100 (retrain); reconstruct: DEFAULT_STEPS per block
@@ -252,9 +252,9 @@ class RecoverSection:
     distill: float | None = None  # retrain: weight of KL to the dense model (0 = LM loss, 1 = KL); None = 1
     batch_size: int = 4
     dataset: str | None = None  # training text; None = calibration.dataset
-    num_samples: int | None = None  # windows; None = calibration.num_calibration_samples
-    max_seq_length: int | None = None  # None = calibration.max_seq_length
-    seed: int | None = None  # None = calibration.seed
+    num_samples: int | None = None  # windows; None = recovery.windows.NUM_WINDOWS (64)
+    max_seq_length: int | None = None  # None = 256 (or the model's positions if fewer)
+    seed: int | None = None  # None = calibration.seed + 1: not the windows the pruning fitted
     options: dict[str, Any] = field(
         default_factory=dict
     )  # method options (r, alpha, rank…) and optimiser knobs
@@ -545,13 +545,11 @@ class Recipe:
 
     def recover_windows_kwargs(self) -> dict[str, Any]:
         """Arguments of ``llmprune.calibration.data.calibration_tokens`` for the recovery windows."""
+        from llmprune.recovery.windows import window_settings
+
         r, c = self.recover, self.calibration
-        return {
-            "source": r.dataset if r.dataset is not None else c.dataset,
-            "num_samples": r.num_samples or c.num_calibration_samples,
-            "seq_len": r.max_seq_length or c.max_seq_length,
-            "seed": c.seed if r.seed is None else r.seed,
-        }
+        source = r.dataset if r.dataset is not None else c.dataset
+        return window_settings(source, r.num_samples, r.max_seq_length, r.seed, c.seed)
 
     def fused_recover_kwargs(self) -> dict[str, Any]:
         """``recover=``/``recover_options=`` of ``llmprune.api.prune`` for ``mode: reconstruct``, which
@@ -584,7 +582,7 @@ class Recipe:
             "mode": r.mode,
             "distill": r.distill,
             "batch_size": r.batch_size,
-            "seed": self.recover_windows_kwargs()["seed"],
+            "seed": self.calibration.seed if r.seed is None else r.seed,  # training; windows: +1
             **r.options,
         }
 

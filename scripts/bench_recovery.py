@@ -125,6 +125,16 @@ def _snapshot(model, path: Path) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
+def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok) -> torch.Tensor:
+    """The pruning's calibration windows cut to 256 tokens (``--windows 0``), or ``--windows`` fresh
+    256-token windows of the same built-in calibration text drawn with ``--windows_seed``."""
+    if not a.windows:
+        return torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
+    from llmprune.calibration.data import calibration_tokens
+
+    return calibration_tokens(None, tok, a.windows, 256, seed=a.windows_seed)
+
+
 def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: dict) -> None:
     """Timed part of an ``e2e`` run: teacher targets (in the budget), training, snapshots; no scoring."""
     import llmprune
@@ -134,10 +144,11 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     from llmprune.recovery.teacher import topk_targets
 
     calib, _ = load_data(a.data)
-    ids = torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
     settings = _settings(a)
     top_k = settings.pop("teacher_top_k", 64)
-    model, _ = llmprune.load_model(a.model)
+    model, tok = llmprune.load_model(a.model)
+    ids = _training_windows(a, calib, tok)
+    row["windows"] = list(ids.shape)
     clock = _PausableClock()
     train_module.time = clock  # the loop reads its clock through this name
     t0 = clock.perf_counter()
@@ -409,6 +420,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("bench_out/data"))
     p.add_argument("--out", type=Path, default=Path("bench_out/recovery.json"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--windows", type=int, default=0, help="e2e: fresh training windows (0: the pruning's)")
+    p.add_argument("--windows_seed", type=int, default=1, help="seed of the fresh windows (pruning: 0)")
     p.add_argument(
         "--keep_states",
         action=argparse.BooleanOptionalAction,

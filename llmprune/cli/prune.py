@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if keep_dense and recipe.recover.mode == "retrain":  # distillation: the dense model's targets, now
         from llmprune.recovery.api import dense_targets
 
-        recover_ids = _recovery_windows(recipe, model, tok, None)
+        recover_ids = _recovery_windows(recipe, model, tok)
         targets = dense_targets(model, recover_ids, recipe.recover_kwargs())
     teacher = copy.deepcopy(model) if keep_dense and targets is None else None  # live teacher, reconstruct
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if recipe.recover.method and not fused:
         from llmprune.recovery import recover
 
-        ids = recover_ids if recover_ids is not None else _recovery_windows(recipe, model, tok, result)
+        ids = recover_ids if recover_ids is not None else _recovery_windows(recipe, model, tok)
         recovery = recover(
             model, input_ids=ids, keep_masks=result.keep_masks, dense_model=teacher, teacher_targets=targets,
             **recipe.recover_kwargs(),
@@ -300,18 +300,13 @@ def _command() -> str | None:
     return "llmprune " + " ".join(sys.argv[1:]) if "prune" in sys.argv else None
 
 
-def _recovery_windows(recipe, model, tok, result):
-    """The recovery training windows: the recover section's data settings, else the calibration's (as
-    the pruning resolved them when ``result`` is given; before pruning, resolved the same way)."""
-    from llmprune.calibration.data import calibration_tokens
-    from llmprune.calibration.settings import calibration_size
+def _recovery_windows(recipe, model, tok):
+    """The recovery training windows (``llmprune.recovery.windows``: the recover section's data
+    settings, else 192 windows of 256 tokens of the calibration text, not the pruning's)."""
+    from llmprune.recovery.windows import recovery_windows
 
-    windows = recipe.recover_windows_kwargs()
-    if result is not None:
-        windows["num_samples"] = windows["num_samples"] or result.num_calibration_samples or None
-        windows["seq_len"] = windows["seq_len"] or result.max_seq_length or None
-    count, seq_len = calibration_size(model, windows["source"], windows["num_samples"], windows["seq_len"])
-    return calibration_tokens(windows["source"], tok, count, seq_len, windows["seed"], model=model)
+    w = recipe.recover_windows_kwargs()
+    return recovery_windows(w["source"], tok, model, w["num_samples"], w["seq_len"], w["seed"])
 
 
 def _summary(recipe, result, prune_seconds: float, dense, pruned, recovery) -> dict[str, Any]:

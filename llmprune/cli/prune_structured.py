@@ -100,13 +100,11 @@ def run_structured(
 
 def _recover(small, dense, tok, recipe):
     """Recovery of the smaller model; the dense model is the distillation teacher (logits only)."""
-    from llmprune.calibration.data import calibration_tokens
     from llmprune.recovery import recover
+    from llmprune.recovery.windows import recovery_windows
 
-    windows = recipe.recover_windows_kwargs()
-    ids = calibration_tokens(
-        windows.pop("source"), tok, windows["num_samples"], windows["seq_len"], windows["seed"], model=small
-    )
+    w = recipe.recover_windows_kwargs()
+    ids = recovery_windows(w["source"], tok, small, w["num_samples"], w["seq_len"], w["seed"])
     teacher = dense if recipe.recover.needs_dense_model else None
     return recover(small, input_ids=ids, dense_model=teacher, **recipe.recover_kwargs())
 

@@ -16,6 +16,7 @@ from llmprune.cli.flags import EVAL_LIMIT_HELP, eval_limit
 from llmprune.cli.table import render_table
 from llmprune.io.models import DEFAULT_MODEL
 from llmprune.recipe import parse_options
+from llmprune.recovery.windows import NUM_WINDOWS, SEED_OFFSET, recovery_windows
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "dense_model": None,
     "distill": None,  # None: 1 with --dense_model (retrain), else 0
     "dataset": None,
-    "num_calibration_samples": 256,
+    "num_calibration_samples": NUM_WINDOWS,
     "max_seq_length": None,  # None: 256, or the model's positions if fewer
     "seed": 0,
     "recover_steps": None,  # None: 100 (retrain), per block blockwise.DEFAULT_STEPS (reconstruct)
@@ -83,9 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("training data")
     g.add_argument("--dataset", help="training text: file, folder, Hub dataset, c4 (default built-in)")
-    g.add_argument("--num_calibration_samples", type=int, help="training windows (default 256)")
+    g.add_argument("--num_calibration_samples", type=int, help=f"training windows (default {NUM_WINDOWS})")
     g.add_argument("--max_seq_length", type=int, help="tokens per window (default 256, at most the model's)")
-    g.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        help="training seed (default 0); windows are drawn with seed + 1, not the ones `llmprune prune "
+        "--seed S` calibrated on",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default 512)")
@@ -137,7 +143,6 @@ def _saved_keep_masks(model_path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmprune.calibration.data import calibration_tokens
     from llmprune.errors import ConfigError
     from llmprune.evaluation.perplexity import perplexity
     from llmprune.io.models import load_model
@@ -186,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
         )
 
     before = measure()
-    ids = calibration_tokens(s["dataset"], tok, s["num_calibration_samples"], s["max_seq_length"], s["seed"])
+    ids = recovery_windows(
+        s["dataset"], tok, model, s["num_calibration_samples"], s["max_seq_length"], s["seed"] + SEED_OFFSET
+    )
     kwargs, targets = recover_kwargs(s, options), None
     if dense is not None and s["mode"] == "retrain":
         from llmprune.recovery.api import dense_targets

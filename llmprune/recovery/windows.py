@@ -1,0 +1,50 @@
+"""The token windows recovery trains on when the user does not choose them.
+
+Its own windows, not the calibration's: pruning calibrates on long windows (2048 tokens by default),
+and four of those per step leave a 10-minute CPU budget a handful of steps; recovery's figures were
+measured on 64 windows of 256 tokens (docs/benchmarks.md, "Recovery"). They are drawn from the same text
+with another seed, so recovery does not distil on exactly the windows SparseGPT, iCBS and ALPS fitted
+the kept weights to. That was measured neutral, not better: 192 fresh windows against the pruning's 64,
+10 minutes each, iCBS 50 % validation perplexity 59.07 vs 59.40 and SparseGPT 50 % 61.97 vs 61.70 (the
+fresh runs paid an 80 s longer teacher pass); it costs nothing and keeps the two stages independent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from llmprune.calibration.data import calibration_tokens
+from llmprune.preflight import max_positions, window_length
+
+#: training windows drawn for recovery (the teacher pass costs one forward per window: 45 s here)
+NUM_WINDOWS = 64
+#: tokens per training window (capped by the model's positions)
+WINDOW_LENGTH = 256
+#: recovery draws with the calibration seed plus this, so its windows are not the pruning's
+SEED_OFFSET = 1
+
+
+def window_settings(
+    source: Any, num_samples: int | None, seq_len: int | None, seed: int | None, calibration_seed: int
+) -> dict[str, Any]:
+    """``calibration_tokens`` arguments of the recovery windows: what the user set, else the defaults
+    above (``seq_len`` None stays None: it is capped per model by :func:`recovery_windows`)."""
+    return {
+        "source": source,
+        "num_samples": NUM_WINDOWS if num_samples is None else num_samples,
+        "seq_len": seq_len,
+        "seed": calibration_seed + SEED_OFFSET if seed is None else seed,
+    }
+
+
+def recovery_windows(
+    source: Any, tokenizer, model, num_samples: int, seq_len: int | None, seed: int
+) -> Tensor:
+    """``(num_samples, seq_len)`` training windows; ``seq_len`` None: :data:`WINDOW_LENGTH`, or the
+    model's positions if fewer (an explicit length above them is refused, as for calibration)."""
+    if seq_len is None:
+        seq_len = min(WINDOW_LENGTH, max_positions(model.config) or WINDOW_LENGTH)
+    seq_len = window_length(seq_len, model.config, "--max_seq_length (recovery)")
+    return calibration_tokens(source, tokenizer, num_samples, seq_len, seed, model=model)

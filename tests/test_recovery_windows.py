@@ -1,0 +1,78 @@
+"""Recovery trains on its own windows: short ones, drawn from the calibration text with another seed than
+the pruning's, unless the user says otherwise (recipe ``recover.*``, ``llmprune recover`` flags)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_harness import TEXT, tiny_lm
+
+from llmprune.calibration.data import calibration_tokens
+from llmprune.cli import main
+from llmprune.errors import ConfigError
+from llmprune.recipe import recipe_from_yaml
+from llmprune.recovery import windows as win
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(TEXT * 4, encoding="utf-8")
+    return path
+
+
+def test_defaults_are_recovery_windows_not_the_calibration_ones():
+    r = recipe_from_yaml("calibration: {num_calibration_samples: 8, max_seq_length: 48, seed: 3}\n")
+    assert r.recover_windows_kwargs() == {"source": None, "num_samples": 64, "seq_len": None, "seed": 4}
+
+
+def test_explicit_recover_data_settings_win():
+    r = recipe_from_yaml(
+        "calibration: {seed: 3, dataset: a.txt}\n"
+        "recover: {method: perp, num_samples: 5, max_seq_length: 40, seed: 3, dataset: b.txt}\n"
+    )
+    assert r.recover_windows_kwargs() == {"source": "b.txt", "num_samples": 5, "seq_len": 40, "seed": 3}
+
+
+def test_fresh_windows_differ_from_the_pruning_ones(text_file):
+    """Catches the seed offset lost: recovery would distil on exactly the windows the solver fitted."""
+    model, tok = tiny_lm(max_positions=64)
+    calib = calibration_tokens(str(text_file), tok, 6, 48, seed=0)
+    w = win.window_settings(str(text_file), 6, 48, None, calibration_seed=0)
+    fresh = win.recovery_windows(w["source"], tok, model, w["num_samples"], w["seq_len"], w["seed"])
+    assert fresh.shape == calib.shape
+    shared = {tuple(row.tolist()) for row in calib} & {tuple(row.tolist()) for row in fresh}
+    assert len(shared) < len(calib)
+    same = win.recovery_windows(str(text_file), tok, model, 6, 48, 0)  # the user may ask for the same
+    assert torch.equal(same, calib)
+
+
+def test_default_length_is_capped_by_the_model_positions(text_file):
+    model, tok = tiny_lm(max_positions=64)
+    ids = win.recovery_windows(str(text_file), tok, model, 3, None, 1)
+    assert ids.shape == (3, 64)  # 256 by default, the model has 64 positions
+    with pytest.raises(ConfigError, match="exceeds the model's 64 positions"):
+        win.recovery_windows(str(text_file), tok, model, 3, 65, 1)
+
+
+def test_recover_cli_draws_other_windows_than_its_seed(tmp_path, text_file, capsys, monkeypatch):
+    """``llmprune recover --seed 0`` must not train on ``llmprune prune --seed 0``'s windows."""
+    import llmprune.cli.recover as cli_recover
+
+    model, tok = tiny_lm(max_positions=64)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    seen = {}
+
+    def spy(source, tokenizer, m, num, seq_len, seed):
+        seen["seed"], seen["num"] = seed, num
+        return calibration_tokens(source, tokenizer, num, seq_len or 32, seed)
+
+    monkeypatch.setattr(cli_recover, "recovery_windows", spy)
+    args = ["recover", "--model", str(folder), "--dataset", str(text_file), "--recover_steps", "1"]
+    assert main([*args, "--skip_eval", "--max_seq_length", "32", "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    assert seen == {"seed": 1, "num": 64}
