@@ -85,7 +85,8 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], peers: list[dict]) ->
         "`nice -n 19` on a shared 2-core machine. `x dense fwd` = prune CPU time / CPU time of one dense "
         "forward over the calibration tokens (one thread, so CPU time does not count waiting for a core; "
         "each run in its own process; the prune figure includes loading the model, under a second). Every "
-        "setting is the code's default, chosen on the validation part (Emma) only. Reference rows: "
+        "setting is the code's default, chosen on the validation part (Emma) only, except in rows that name "
+        "their settings (`--options`). Reference rows: "
         "`scripts/peers/` on the very same token tensors.",
         "",
         "| method | sparsity | allocation | test ppl | achieved sparsity | x dense fwd |",
@@ -95,6 +96,11 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], peers: list[dict]) ->
         fwd = dense.get("dense_fwd_cpu_s", dense["dense_fwd_s"])
         lines.append(f"| dense | – | – | {dense['ppl']:.2f} | 0 | (fwd {fwd:.1f} CPU s) |")
     entries = [(m, s, o, sweep.results.get(bench.run_key(m, s, o))) for m, s, o in rows]
+    entries += [  # runs with settings other than the defaults (--options), named by their settings
+        (f"{r['method']} ({_settings_label(r['options'])})", r["sparsity"], r["options"], r)
+        for r in sweep.results.values()
+        if isinstance(r.get("options"), dict) and _settings_label(r["options"])
+    ]
     entries += [(p["label"], p["sparsity"], {"allocation": p["allocation"]}, p) for p in peers]
     order = {s: i for i, s in enumerate(("0.5", "0.6", "0.7", "0.8", "2:4"))}
     for method, sparsity, options, r in sorted(entries, key=lambda e: order.get(e[1], 9)):
@@ -113,21 +119,23 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], peers: list[dict]) ->
     return "\n".join(lines)
 
 
-def _default_runs(results: dict, sparsity: str, allocated: bool | None = None) -> list[tuple[str, float]]:
-    """(label, test ppl) of every finished sweep run at ``sparsity`` with code defaults (options hold at
-    most an allocation); ``allocated`` True keeps only owl/error/depth rows, False only uniform ones."""
+def _settings_label(options: dict) -> str:
+    """The options beyond the allocation, e.g. ``rho 0.5, max_iterations 300`` ('' for code defaults)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(options.items()) if k != "allocation")
+
+
+def _runs(results: dict, sparsity: str, allocated: bool | None = None) -> list[tuple[str, float]]:
+    """(label, test ppl) of every finished sweep run at ``sparsity``, defaults or not (a setting other
+    than the defaults is named in the label); ``allocated`` True keeps only owl/error/depth rows, False
+    only uniform ones."""
     runs = []
     for key, r in results.items():
-        if (
-            key == "dense"
-            or "ppl" not in r
-            or r.get("sparsity") != sparsity
-            or set(r["options"]) - {"allocation"}
-        ):
+        if key == "dense" or "ppl" not in r or r.get("sparsity") != sparsity:
             continue
         allocation = r["options"].get("allocation", "uniform")
+        settings = _settings_label(r["options"])
         if allocated is None or allocated == (allocation != "uniform"):
-            runs.append((f"{r['method']} + {allocation}", r["ppl"]))
+            runs.append((f"{r['method']}{f' ({settings})' if settings else ''} + {allocation}", r["ppl"]))
     return runs
 
 
@@ -147,10 +155,10 @@ def _verdict(
 
 
 def done_when(results: dict, peers: list[dict]) -> str:
-    """Issue 19's done-when items, read off the results (best = lowest test ppl among default runs)."""
+    """Issue 19's done-when items, read off the results (best = lowest test ppl of any configuration)."""
 
     def best(sparsity: str, allocated: bool | None = None) -> tuple[str, float] | None:
-        runs = _default_runs(results, sparsity, allocated)
+        runs = _runs(results, sparsity, allocated)
         return min(runs, key=lambda r: r[1]) if runs else None
 
     def one(method: str, sparsity: str, allocation: str) -> tuple[str, float] | None:
@@ -218,6 +226,7 @@ def main() -> None:
         help="run just these cells, in this order: method@sparsity@allocation,... (the table lists all)",
     )
     p.add_argument("--workers", type=int, default=1, help="runs at a time (each in its own process)")
+    p.add_argument("--options", default="{}", help="JSON of solver options added to every cell of this sweep")
     p.add_argument("--table_only", action="store_true", help="write the table from the results so far")
     p.add_argument("--peers", type=Path, default=None, help="directory of reference-code results to list")
     a = p.parse_args()
@@ -258,6 +267,7 @@ def main() -> None:
     if a.only:  # cells named by hand, e.g. the ones that decide the done-when items first
         cells = [x.split("@") for x in a.only.split(",") if x]
         jobs = [(m, s, {} if x == "uniform" else {"allocation": x}) for m, s, x in cells]
+    jobs = [(m, s, {**json.loads(a.options), **o}) for m, s, o in jobs]
     if not a.table_only:
         list(pool.map(lambda job: sweep.run(*job), jobs))
         dense.result()

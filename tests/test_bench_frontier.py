@@ -38,8 +38,6 @@ def test_allocation_target_uses_the_best_allocated_run_and_the_ten_percent_edge(
             _run("wanda", "0.7", 950.0, allocation="owl"),  # OWL raises Wanda here: not met
         ]
     )
-    # a run with a non-default option never counts as "the best configuration"
-    runs["icbs|0.7|tuned"] = {"method": "icbs", "sparsity": "0.7", "options": {"ridge": 1.0}, "ppl": 1.0}
     text = bf.done_when(runs, peers=[{"label": "ALPS (reference)", "sparsity": "0.7", "ppl": 150.0}])
     row = _row(text, "70 %: best with an allocation")
     assert row[1] == "alps + error: 180.00" and row[2] == "icbs + uniform: 200.00"
@@ -86,3 +84,16 @@ def test_sweeps_sharing_a_results_file_keep_each_others_rows(tmp_path, monkeypat
     out.write_text(json.dumps({"icbs|0.7|{}": {"error": "killed"}}))
     first.run("icbs", "0.7", {})  # an earlier failure is retried, and a new failure is kept
     assert len(calls) == 1 and json.loads(out.read_text())["icbs|0.7|{}"] == {"error": "boom"}
+
+
+def test_a_setting_other_than_the_defaults_counts_and_is_named():
+    """The issue asks for the best llmprune *configuration*: a run with --options may be it, but the
+    table must say which settings it used, so nobody reads it as the default."""
+    bf = _bench_frontier()
+    runs = dict([_run("icbs", "2:4", 200.0), _run("alps", "2:4", 120.0)])
+    runs["alps|2:4|quality"] = {
+        "method": "alps", "sparsity": "2:4", "options": {"rho": 0.5, "max_iterations": 300}, "ppl": 110.0,
+    }  # fmt: skip
+    text = bf.done_when(runs, peers=[{"label": "ALPS (reference)", "sparsity": "2:4", "ppl": 115.0}])
+    row = _row(text, "2:4: best llmprune below ALPS")
+    assert row[1] == "alps (max_iterations 300, rho 0.5) + uniform: 110.00" and row[4] == "**met**"
