@@ -301,7 +301,7 @@ def check_recipe(recipe, *, overwrite: bool = False, evaluate: bool = True) -> d
     masks = getattr(recipe.prune, "structure", "unstructured") == "unstructured"
     # structured runs check their own options (llmprune.structured.settings, via the recipe)
     options = split_options(recipe.prune.allocation, recipe.prune.options)[0] if masks else {}
-    return before_loading(
+    config = before_loading(
         recipe.model.name,
         output_dir=recipe.output_dir,
         overwrite=overwrite,
@@ -314,6 +314,9 @@ def check_recipe(recipe, *, overwrite: bool = False, evaluate: bool = True) -> d
         tasks=recipe.eval.tasks,
         include_path=recipe.eval.include_path,
     )
+    if recipe.recover.method and recipe.recover.max_seq_length and config is not None:
+        window_length(recipe.recover.max_seq_length, config, "recover.max_seq_length")
+    return config
 
 
 #: model types that share a tokenizer family and a head layout closely enough to distil across

@@ -544,7 +544,8 @@ class Recipe:
         }
 
     def recover_windows_kwargs(self) -> dict[str, Any]:
-        """Arguments of ``llmprune.calibration.data.calibration_tokens`` for the recovery windows."""
+        """``source``, ``num_samples``, ``seq_len`` (None: 256, capped per model) and ``seed`` of the
+        recovery windows, for ``llmprune.recovery.windows.recovery_windows``."""
         from llmprune.recovery.windows import window_settings
 
         r, c = self.recover, self.calibration

@@ -76,3 +76,23 @@ def test_recover_cli_draws_other_windows_than_its_seed(tmp_path, text_file, caps
     assert main([*args, "--skip_eval", "--max_seq_length", "32", "--json"]) == 0
     json.loads(capsys.readouterr().out)
     assert seen == {"seed": 1, "num": 64}
+
+
+def test_recovery_window_longer_than_the_model_fails_before_loading(tmp_path, text_file, capsys, monkeypatch):
+    """Checked with the recipe, not after the dense scoring and the pruning."""
+    import llmprune
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad window length was refused")
+
+    model, tok = tiny_lm(max_positions=64)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = ["prune", "--model", str(folder), "--dataset", str(text_file), "--recover", "perp"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recover: {max_seq_length: 65}\n", encoding="utf-8")
+    monkeypatch.setattr(llmprune, "load_model", no_loading)
+    assert main([*args, "--recipe", str(recipe), "--skip_eval"]) == 2
+    err = capsys.readouterr().err
+    assert "recover.max_seq_length 65 exceeds the model's 64 positions" in err

@@ -134,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
     fused_kwargs = recipe.fused_recover_kwargs() if fused else {}
     keep_dense = recipe.recover.needs_dense_model and not fused and comm.is_main
     recover_ids, targets = None, None
+    if recipe.recover.method and not fused:  # before pruning: a window the model cannot hold fails now
+        recover_ids = _recovery_windows(recipe, model, tok)
     if keep_dense and recipe.recover.mode == "retrain":  # distillation: the dense model's targets, now
         from llmprune.recovery.api import dense_targets
 
-        recover_ids = _recovery_windows(recipe, model, tok)
         targets = dense_targets(model, recover_ids, recipe.recover_kwargs())
     teacher = copy.deepcopy(model) if keep_dense and targets is None else None  # live teacher, reconstruct
     t0 = time.perf_counter()
@@ -151,10 +152,9 @@ def run(args: argparse.Namespace) -> int:
     if recipe.recover.method and not fused:
         from llmprune.recovery import recover
 
-        ids = recover_ids if recover_ids is not None else _recovery_windows(recipe, model, tok)
         recovery = recover(
-            model, input_ids=ids, keep_masks=result.keep_masks, dense_model=teacher, teacher_targets=targets,
-            **recipe.recover_kwargs(),
+            model, input_ids=recover_ids, keep_masks=result.keep_masks, dense_model=teacher,
+            teacher_targets=targets, **recipe.recover_kwargs(),
         )  # fmt: skip
         del teacher, targets
     pruned = _scores(model, tok, recipe, args.skip_eval)
@@ -302,7 +302,7 @@ def _command() -> str | None:
 
 def _recovery_windows(recipe, model, tok):
     """The recovery training windows (``llmprune.recovery.windows``: the recover section's data
-    settings, else 192 windows of 256 tokens of the calibration text, not the pruning's)."""
+    settings, else 64 windows of 256 tokens of the calibration text, not the pruning's)."""
     from llmprune.recovery.windows import recovery_windows
 
     w = recipe.recover_windows_kwargs()
