@@ -125,14 +125,14 @@ def _snapshot(model, path: Path) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
-def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok) -> torch.Tensor:
+def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok, model) -> torch.Tensor:
     """The pruning's calibration windows cut to 256 tokens (``--windows 0``), or ``--windows`` fresh
     256-token windows of the same built-in calibration text drawn with ``--windows_seed``."""
     if not a.windows:
         return torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
-    from llmprune.calibration.data import calibration_tokens
+    from llmprune.recovery.windows import recovery_windows
 
-    return calibration_tokens(None, tok, a.windows, 256, seed=a.windows_seed)
+    return recovery_windows(None, tok, model, a.windows, 256, a.windows_seed)
 
 
 def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: dict) -> None:
@@ -147,7 +147,7 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     settings = _settings(a)
     top_k = settings.pop("teacher_top_k", 64)
     model, tok = llmprune.load_model(a.model)
-    ids = _training_windows(a, calib, tok)
+    ids = _training_windows(a, calib, tok, model)
     row["windows"] = list(ids.shape)
     clock = _PausableClock()
     train_module.time = clock  # the loop reads its clock through this name

@@ -41,7 +41,7 @@ def test_fresh_windows_differ_from_the_pruning_ones(text_file):
     model, tok = tiny_lm(max_positions=64)
     calib = calibration_tokens(str(text_file), tok, 6, 48, seed=0)
     w = win.window_settings(str(text_file), 6, 48, None, calibration_seed=0)
-    fresh = win.recovery_windows(w["source"], tok, model, w["num_samples"], w["seq_len"], w["seed"])
+    fresh = win.recovery_windows(tokenizer=tok, model=model, **w)
     assert fresh.shape == calib.shape
     shared = {tuple(row.tolist()) for row in calib} & {tuple(row.tolist()) for row in fresh}
     assert len(shared) < len(calib)

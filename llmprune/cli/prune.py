@@ -134,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
     fused_kwargs = recipe.fused_recover_kwargs() if fused else {}
     keep_dense = recipe.recover.needs_dense_model and not fused and comm.is_main
     recover_ids, targets = None, None
-    if recipe.recover.method and not fused:  # before pruning: a window the model cannot hold fails now
-        recover_ids = _recovery_windows(recipe, model, tok)
+    if recipe.recover.method and not fused and comm.is_main:  # before pruning: a bad window fails now
+        from llmprune.recovery.windows import recovery_windows
+
+        recover_ids = recovery_windows(tokenizer=tok, model=model, **recipe.recover_windows_kwargs())
     if keep_dense and recipe.recover.mode == "retrain":  # distillation: the dense model's targets, now
         from llmprune.recovery.api import dense_targets
 
@@ -298,15 +300,6 @@ def _resolved_sizes(recipe, result):
 
 def _command() -> str | None:
     return "llmprune " + " ".join(sys.argv[1:]) if "prune" in sys.argv else None
-
-
-def _recovery_windows(recipe, model, tok):
-    """The recovery training windows (``llmprune.recovery.windows``: the recover section's data
-    settings, else 64 windows of 256 tokens of the calibration text, not the pruning's)."""
-    from llmprune.recovery.windows import recovery_windows
-
-    w = recipe.recover_windows_kwargs()
-    return recovery_windows(w["source"], tok, model, w["num_samples"], w["seq_len"], w["seed"])
 
 
 def _summary(recipe, result, prune_seconds: float, dense, pruned, recovery) -> dict[str, Any]:

@@ -103,8 +103,7 @@ def _recover(small, dense, tok, recipe):
     from llmprune.recovery import recover
     from llmprune.recovery.windows import recovery_windows
 
-    w = recipe.recover_windows_kwargs()
-    ids = recovery_windows(w["source"], tok, small, w["num_samples"], w["seq_len"], w["seed"])
+    ids = recovery_windows(tokenizer=tok, model=small, **recipe.recover_windows_kwargs())
     teacher = dense if recipe.recover.needs_dense_model else None
     return recover(small, input_ids=ids, dense_model=teacher, **recipe.recover_kwargs())
 
