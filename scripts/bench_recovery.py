@@ -135,6 +135,28 @@ def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok, model) ->
     return recovery_windows(None, tok, model, a.windows, 256, a.windows_seed)
 
 
+@torch.no_grad()
+def _sampled_windows(model, tok, count: int, length: int, seed: int, batch: int = 16) -> torch.Tensor:
+    """``count`` windows of ``length`` tokens written by the dense model from its start token (nucleus
+    0.95, temperature 1; EOS held back until the window is full), seeded: the self-generated recovery
+    data tried on the validation part (docs/benchmarks.md, "Recovery": no better than the calibration
+    text, and 245 s of a 10-minute budget to write 64 windows)."""
+    first = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    rows = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, count, batch):
+            prompt = torch.full((min(batch, count - start), 1), first, dtype=torch.long)
+            new = length - 1
+            rows.append(
+                model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
+                    top_p=0.95, top_k=0, min_new_tokens=new, max_new_tokens=new, pad_token_id=first,
+                )
+            )  # fmt: skip
+    return torch.cat(rows)
+
+
 def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: dict) -> None:
     """Timed part of an ``e2e`` run: teacher targets (in the budget), training, snapshots; no scoring."""
     import llmprune
@@ -148,10 +170,14 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     top_k = settings.pop("teacher_top_k", 64)
     model, tok = llmprune.load_model(a.model)
     ids = _training_windows(a, calib, tok, model)
-    row["windows"] = list(ids.shape)
     clock = _PausableClock()
     train_module.time = clock  # the loop reads its clock through this name
     t0 = clock.perf_counter()
+    if a.generated:  # sampled from the dense weights, inside the budget
+        sampled = _sampled_windows(model, tok, a.generated, 256, a.windows_seed)
+        row["generate_seconds"] = clock.perf_counter() - t0
+        ids = sampled if a.generated_only else torch.cat([ids, sampled])
+    row["windows"] = list(ids.shape)
     with autocast(settings.get("precision", "auto"), torch.device("cpu")):
         targets = topk_targets(model, ids, top_k, a.batch_size)  # on the dense weights: no copy
     teacher_s = clock.perf_counter() - t0
@@ -422,6 +448,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--windows", type=int, default=0, help="e2e: fresh training windows (0: the pruning's)")
     p.add_argument("--windows_seed", type=int, default=1, help="seed of the fresh windows (pruning: 0)")
+    p.add_argument(
+        "--generated", type=int, default=0, help="e2e: add this many windows sampled from the dense model"
+    )
+    p.add_argument("--generated_only", action="store_true", help="e2e: train on the sampled windows alone")
     p.add_argument(
         "--keep_states",
         action=argparse.BooleanOptionalAction,
