@@ -12,16 +12,18 @@
   the table records both, and docs/benchmarks.md says which setting was taken and why.
 * ``owl`` and ``icbs`` prune the whole model at 70 % with the fixed calibration tokens and score the
   perplexity of the validation windows; ``pipeline`` does the same at 70 % and 2:4 for what is around
-  the ALPS solver: true-sequential calibration, OWL on top of it, and iCBS's descent started from
-  ALPS's mask and weights. Rule: the lowest validation perplexity; OWL's λ first (with the
-  paper's M = 5), then M at that λ, with Wanda (``--owl_solvers``; the solver of the paper's main
-  table, and the cheapest run on a shared CPU).
+  the ALPS solver: true-sequential calibration, OWL on top of it, iCBS's descent started from ALPS's
+  mask and weights, and single knobs (the refit's CG iterations, damping, the ADMM schedule).
+  Rule: the lowest validation perplexity; OWL's λ first (with the paper's M = 5), then M at that λ,
+  with Wanda (``--owl_solvers``; the solver of the paper's main table, and the cheapest run on a shared
+  CPU).
   iCBS: the ridge with the lowest validation perplexity, then 40 steps at that ridge; 40 steps double
   the prune time, so they replace the default 20 only if they lower validation perplexity by more than
   2 % (rule fixed before the run). ``pipeline``: the lowest validation perplexity per target; a setting
   found at one target becomes a solver default only if it is no worse at the other.
 
-Results accumulate in ``bench_out/choose_defaults.json`` (an interrupted grid resumes).
+Results accumulate in ``bench_out/choose_defaults_<part>.json`` (an interrupted grid resumes; parallel
+``pipeline --cells`` runs take their own ``--out`` stem, and ``table`` merges every file of a part).
 """
 
 from __future__ import annotations
