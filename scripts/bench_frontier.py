@@ -97,7 +97,7 @@ def table(sweep: Sweep, rows: list[tuple[str, str, dict]], peers: list[dict]) ->
         lines.append(f"| dense | – | – | {dense['ppl']:.2f} | 0 | (fwd {fwd:.1f} CPU s) |")
     entries = [(m, s, o, sweep.results.get(bench.run_key(m, s, o))) for m, s, o in rows]
     entries += [  # runs with settings other than the defaults (--options), named by their settings
-        (f"{r['method']} ({_settings_label(r['options'])})", r["sparsity"], r["options"], r)
+        (_method_label(r), r["sparsity"], r["options"], r)
         for r in sweep.results.values()
         if isinstance(r.get("options"), dict) and _settings_label(r["options"])
     ]
@@ -124,6 +124,12 @@ def _settings_label(options: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(options.items()) if k != "allocation")
 
 
+def _method_label(run: dict) -> str:
+    """``alps`` for a run with code defaults, ``alps (rho 0.5)`` for one with other settings."""
+    settings = _settings_label(run["options"])
+    return f"{run['method']} ({settings})" if settings else run["method"]
+
+
 def _runs(results: dict, sparsity: str, allocated: bool | None = None) -> list[tuple[str, float]]:
     """(label, test ppl) of every finished sweep run at ``sparsity``, defaults or not (a setting other
     than the defaults is named in the label); ``allocated`` True keeps only owl/error/depth rows, False
@@ -133,9 +139,8 @@ def _runs(results: dict, sparsity: str, allocated: bool | None = None) -> list[t
         if key == "dense" or "ppl" not in r or r.get("sparsity") != sparsity:
             continue
         allocation = r["options"].get("allocation", "uniform")
-        settings = _settings_label(r["options"])
         if allocated is None or allocated == (allocation != "uniform"):
-            runs.append((f"{r['method']}{f' ({settings})' if settings else ''} + {allocation}", r["ppl"]))
+            runs.append((f"{_method_label(r)} + {allocation}", r["ppl"]))
     return runs
 
 

@@ -84,13 +84,9 @@ def _plot(results: dict, wanda: float | None) -> None:
     tmp.replace(PLOT)
 
 
-def _ridge() -> float:
+def report(results: dict, quality: dict) -> str:
     from llmprune.solvers.icbs import DEFAULT_RIDGE
 
-    return DEFAULT_RIDGE[True]
-
-
-def report(results: dict, quality: dict) -> str:
     def wanda(sparsity: str) -> float | None:
         return quality.get(_key("wanda", sparsity, {}), {}).get("ppl")
 
@@ -98,9 +94,9 @@ def report(results: dict, quality: dict) -> str:
         "`scripts/bench_icbs.py`: same calibration and held-out tokens as the quality table (dense "
         f"{quality.get('dense', {}).get('ppl', float('nan')):.2f}). iCBS defaults: start from SparseGPT's "
         "mask and weights, 20 block-coordinate-descent steps per layer (blocks of 32 weights per row, "
-        f"8 pruned), kept weights re-fitted by CG least squares, ridge {_ridge()}. Every run (one thread) "
-        "shared the 2-core machine with one other single-thread run, so `x SparseGPT time` compares equal "
-        "load.",
+        f"8 pruned), kept weights re-fitted by CG least squares, ridge {DEFAULT_RIDGE[True]}. Every run "
+        "(one thread) shared the 2-core machine with one other single-thread run, so `x SparseGPT time` "
+        "compares equal load.",
         "",
         "| sparsity | Wanda ppl | SparseGPT ppl | iCBS ppl | iCBS vs SparseGPT | SparseGPT s | iCBS s "
         "| x SparseGPT time |",
