@@ -621,6 +621,7 @@ FLAG_KEYS: dict[str, str] = {
     "lr": "recover.lr",
     "recover_mode": "recover.mode",
     "distill": "recover.distill",
+    "recover_dataset": "recover.dataset",
     "tasks": "eval.tasks",
     "include_path": "eval.include_path",
     "num_fewshot": "eval.num_fewshot",

@@ -127,12 +127,13 @@ def _snapshot(model, path: Path) -> None:
 
 def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok, model) -> torch.Tensor:
     """The pruning's calibration windows cut to 256 tokens (``--windows 0``), or ``--windows`` fresh
-    256-token windows of the same built-in calibration text drawn with ``--windows_seed``."""
+    256-token windows drawn with ``--windows_seed`` from the same built-in calibration text, or from
+    ``--text`` (a local file: the diagnostic of how much the recovery text's domain decides)."""
     if not a.windows:
         return torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
     from llmprune.recovery.windows import recovery_windows
 
-    return recovery_windows(None, tok, model, a.windows, 256, a.windows_seed)
+    return recovery_windows(a.text, tok, model, a.windows, 256, a.windows_seed)
 
 
 @torch.no_grad()
@@ -161,6 +162,8 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     import llmprune
     from llmprune.recovery import recover
     from llmprune.recovery import train as train_module
+    from llmprune.recovery.hidden import tapped_blocks
+    from llmprune.recovery.masking import decoder_blocks
     from llmprune.recovery.precision import autocast
     from llmprune.recovery.teacher import topk_targets
 
@@ -177,8 +180,11 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
         row["generate_seconds"] = clock.perf_counter() - t0
         ids = torch.cat([ids, sampled])
     row["windows"] = list(ids.shape)
+    blocks = ()
+    if settings.get("hidden_distill"):  # the dense block outputs, from the same pass
+        blocks = tapped_blocks(len(decoder_blocks(model)), settings.get("hidden_stride", 3))
     with autocast(settings.get("precision", "auto"), torch.device("cpu")):
-        targets = topk_targets(model, ids, top_k, a.batch_size)  # on the dense weights: no copy
+        targets = topk_targets(model, ids, top_k, a.batch_size, blocks)  # on the dense weights: no copy
     teacher_s = clock.perf_counter() - t0
     targets.seconds = teacher_s  # the budget pays all since t0: the sampled windows too, if any
     blob = torch.load(WORK / f"{_tag(method, sparsity)}.pt")
@@ -288,7 +294,7 @@ def run_job(a: argparse.Namespace, kind: str, method: str, sparsity: str) -> Non
     torch.set_num_threads(a.threads)
     calib, _ = load_data(a.data)
     row: dict = {"method": method, "sparsity": sparsity, "kind": kind, "budget_s": a.budget}
-    row.update(threads=a.threads, settings=_settings(a), batch=a.batch_size, suffix=a.suffix)
+    row.update(threads=a.threads, settings=_settings(a), batch=a.batch_size, suffix=a.suffix, text=a.text)
     if kind == "e2e":
         row["kind"] = f"e2e {a.recover_method}"
         e2e_job(a, method, sparsity, out, row)
@@ -448,6 +454,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--windows", type=int, default=0, help="e2e: fresh training windows (0: the pruning's)")
     p.add_argument("--windows_seed", type=int, default=1, help="seed of the fresh windows (pruning: 0)")
+    p.add_argument("--text", help="e2e with --windows: draw the training windows from this text file")
     p.add_argument(
         "--generated", type=int, default=0, help="e2e: add this many windows sampled from the dense model"
     )

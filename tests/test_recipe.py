@@ -170,6 +170,22 @@ def test_precedence_cli_over_recipe_over_defaults(tmp_path):
     assert r.recover_kwargs()["rank"] == 4 and r.recover_kwargs()["seed"] == 9
 
 
+def test_recover_dataset_flag_sets_the_recovery_text_and_is_checked_before_loading(tmp_path):
+    """``llmprune prune --recover perp --recover_dataset F``: recovery draws its windows from F, not from
+    the calibration text, and a missing F fails before any model is loaded."""
+    from llmprune.errors import DataError
+    from llmprune.preflight import check_recipe
+
+    text = tmp_path / "domain.txt"
+    text.write_text("Some text of the domain the model will read.\n" * 50, encoding="utf-8")
+    r = resolve_recipe({"recover": "perp", "recover_dataset": str(text), "dataset": "calibration"}, "prune")
+    assert r.recover.dataset == str(text) and r.calibration.dataset == "calibration"
+    assert r.recover_windows_kwargs()["source"] == str(text)
+    r = resolve_recipe({"recover": "perp", "recover_dataset": str(tmp_path / "missing.txt")}, "prune")
+    with pytest.raises(DataError, match="recover.dataset .*missing.txt does not exist"):
+        check_recipe(r)
+
+
 def test_with_overrides():
     r = Recipe().with_overrides({"prune.method": "magnitude", "prune.options.scope": "global", "model": "m"})
     assert (r.prune.method, r.prune.options, r.model.name) == ("magnitude", {"scope": "global"}, "m")

@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="retrain (default) after pruning, or reconstruct each block right after pruning it",
     )
     g.add_argument("--distill", type=float, help="retrain: weight of KL to the dense model, 0..1 (default 1)")
+    g.add_argument(
+        "--recover_dataset",
+        help="text recovery trains on (default: --dataset); text like what the model will read recovers most",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")
     g.add_argument("--eval_max_seq_length", type=int, help="perplexity window (default: --max_seq_length)")

@@ -20,6 +20,7 @@ from llmprune.recovery import blockwise, masking
 from llmprune.recovery.checkpointing import checkpointed_blocks
 from llmprune.recovery.full import FULL_LR, FullOptions, FullSession
 from llmprune.recovery.heap import reuse_freed_memory
+from llmprune.recovery.hidden import BlockOutputs, hidden_error, tapped_blocks
 from llmprune.recovery.lift import LiftOptions, LiftSession
 from llmprune.recovery.losses import retraining_loss
 from llmprune.recovery.perp import PerpOptions, PerpSession
@@ -116,6 +117,8 @@ def recover(
     distill: float | None = None,
     teacher_top_k: int | None = DEFAULT_TEACHER_TOP_K,
     teacher_targets: TopKTargets | None = None,
+    hidden_distill: float = 0.0,
+    hidden_stride: int = 3,
     precision: str = "auto",
     gradient_checkpointing: bool = True,
     callback: Callable[[int, nn.Module], None] | None = None,
@@ -140,6 +143,9 @@ def recover(
     (:func:`llmprune.recovery.teacher.topk_targets` on the same ``input_ids``, e.g. before pruning), so
     no dense copy needs to be in memory at all. Either way the teacher pass (``TopKTargets.seconds``) is
     paid from ``max_seconds``.
+    ``hidden_distill=w`` (retrain, with a teacher) adds ``w ×`` the relative error of the outputs of
+    every ``hidden_stride``-th decoder block (counted down from the last) against the dense model's
+    (:mod:`llmprune.recovery.hidden`); the dense outputs are kept by the teacher pass (bfloat16).
     ``precision`` (retrain): ``"auto"`` runs the forward passes under bfloat16 autocast where the device
     has native bf16 (float32 master weights and merge: :mod:`llmprune.recovery.precision`), else
     float32. ``gradient_checkpointing`` (retrain): recompute each decoder block's activations in
@@ -185,6 +191,7 @@ def recover(
             f"distill={distill} needs dense_model=<the dense model before pruning> as the teacher "
             "(or distill=0)."
         )
+    hidden_blocks = _hidden_blocks(model, hidden_distill, hidden_stride, mode, dense_model, teacher_targets)
     device = next(model.parameters()).device
     compute_dtype = resolve_precision(precision, device)  # checked before any work
     if dense_model is not None:
@@ -218,9 +225,11 @@ def recover(
         )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    teacher = (teacher_targets or dense_model) if distill > 0 else None
+    teacher = (teacher_targets or dense_model) if distill > 0 or hidden_blocks else None
     if teacher_top_k is not None and isinstance(teacher, nn.Module):
-        teacher = _teacher_pass(teacher, input_ids, teacher_top_k, settings.batch_size, precision)
+        teacher = _teacher_pass(
+            teacher, input_ids, teacher_top_k, settings.batch_size, precision, hidden_blocks
+        )
         log.info("teacher top-%d targets of %d windows in %.1f s", teacher.k, len(input_ids), teacher.seconds)
     if isinstance(teacher, TopKTargets):
         _pay_teacher_pass(settings, teacher.seconds)
@@ -264,7 +273,10 @@ def recover(
                         callback(step, model)
 
                 with checkpointed_blocks(model, gradient_checkpointing):
-                    loop = _retrain(model, session, input_ids, settings, on_step, teacher, distill, precision)
+                    loop = _retrain(
+                        model, session, input_ids, settings, on_step, teacher, distill, precision,
+                        hidden_blocks, hidden_distill,
+                    )  # fmt: skip
                 details = {}
             except BaseException:
                 session.finish(merge=False)  # PERP drops its adapters, LIFT puts its weights back
@@ -303,6 +315,8 @@ def recover(
             "precision": compute_dtype if mode == "retrain" else "float32",
             "gradient_checkpointing": gradient_checkpointing and mode == "retrain",
             "teacher_top_k": teacher.k if isinstance(teacher, TopKTargets) else None,
+            "hidden_distill": hidden_distill,
+            "hidden_blocks": list(hidden_blocks),
         },
         details=details,
     )
@@ -311,7 +325,7 @@ def recover(
 #: recover()'s keywords on how training runs, with their defaults: ``--option`` keys of every method
 RUN_OPTIONS: dict[str, Any] = {
     key: inspect.signature(recover).parameters[key].default
-    for key in ("precision", "gradient_checkpointing", "teacher_top_k")
+    for key in ("precision", "gradient_checkpointing", "teacher_top_k", "hidden_distill", "hidden_stride")
 }
 
 
@@ -325,15 +339,53 @@ def dense_targets(model: nn.Module, input_ids: Tensor, recover_kwargs: dict[str,
         return None
     batch_size = recover_kwargs.get("batch_size") or TrainSettings.batch_size
     precision = recover_kwargs.get("precision", RUN_OPTIONS["precision"])
-    return _teacher_pass(model, input_ids, k, batch_size, precision)
+    weight = recover_kwargs.get("hidden_distill", RUN_OPTIONS["hidden_distill"])
+    stride = recover_kwargs.get("hidden_stride", RUN_OPTIONS["hidden_stride"])
+    blocks = tapped_blocks(len(masking.decoder_blocks(model)), stride) if weight else ()
+    return _teacher_pass(model, input_ids, k, batch_size, precision, blocks)
 
 
 def _teacher_pass(
-    teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int, precision: str
+    teacher: nn.Module,
+    input_ids: Tensor,
+    k: int,
+    batch_size: int,
+    precision: str,
+    hidden_blocks: tuple[int, ...] = (),
 ) -> TopKTargets:
-    """The dense model's top-k targets, its forwards in the precision training will use."""
+    """The dense model's top-k targets (and block outputs), computed in the precision training uses."""
     with autocast(precision, next(teacher.parameters()).device):
-        return topk_targets(teacher, input_ids, k, batch_size)
+        return topk_targets(teacher, input_ids, k, batch_size, hidden_blocks)
+
+
+def _hidden_blocks(
+    model: nn.Module,
+    weight: float,
+    stride: int,
+    mode: str,
+    dense_model: nn.Module | None,
+    teacher_targets: TopKTargets | None,
+) -> tuple[int, ...]:
+    """The decoder blocks whose outputs ``hidden_distill`` matches, or a one-line error before any work."""
+    if not weight:
+        return ()
+    if weight < 0:
+        raise ConfigError(f"hidden_distill must be >= 0 (0 = off), got {weight}.")
+    if mode != "retrain":
+        raise ConfigError(
+            "hidden_distill applies to mode 'retrain' (reconstruct already matches every block)."
+        )
+    if dense_model is None and teacher_targets is None:
+        raise ConfigError(
+            f"hidden_distill={weight} needs dense_model=<the dense model> (or hidden_distill=0)."
+        )
+    blocks = tapped_blocks(len(masking.decoder_blocks(model)), stride)
+    if teacher_targets is not None and teacher_targets.hidden_blocks != blocks:  # they win over dense_model
+        raise ConfigError(
+            f"teacher_targets hold the outputs of blocks {list(teacher_targets.hidden_blocks)}, "
+            f"hidden_stride={stride} wants {list(blocks)}: compute them with the same hidden settings."
+        )
+    return blocks
 
 
 def _pay_teacher_pass(settings: TrainSettings, seconds: float) -> None:
@@ -359,6 +411,8 @@ def _retrain(
     teacher: nn.Module | TopKTargets | None = None,
     distill: float = 0.0,
     precision: str = "float32",
+    hidden_blocks: tuple[int, ...] = (),
+    hidden_distill: float = 0.0,
 ) -> LoopResult:
     """Causal-LM loss on the token windows, mixed with distillation from ``teacher`` when ``distill > 0``.
 
@@ -369,23 +423,30 @@ def _retrain(
     device = next(model.parameters()).device
     batches = index_batches(input_ids, settings.batch_size, settings.seed)
     live = isinstance(teacher, nn.Module)
+    student_taps = BlockOutputs(model, hidden_blocks)
     if live:
         teacher.eval()
         teacher_device = next(teacher.parameters()).device
+        teacher_taps = BlockOutputs(teacher, hidden_blocks)
 
     def loss_fn(rows: Tensor) -> Tensor:
         batch = input_ids[rows].to(device)
-        target = None
+        target = hidden_target = None
         if live:
-            with torch.no_grad(), autocast(precision, teacher_device):
+            with torch.no_grad(), autocast(precision, teacher_device), teacher_taps.recording():
                 target = teacher(input_ids=batch.to(teacher_device), use_cache=False).logits.to(device)
+            hidden_target = teacher_taps.stacked() if hidden_blocks else None
         elif teacher is not None:
-            target = teacher.rows(rows)
+            target, hidden_target = teacher.rows(rows), teacher.hidden_rows(rows)
         # a fresh autocast context per step: autocast caches the bf16 copies of trained leaves (LoRA's A
         # and B) until its outermost context exits, and one context around the loop would train stale copies
-        with autocast(precision, device):
+        with autocast(precision, device), student_taps.recording():
             logits = model(input_ids=batch, use_cache=False).logits
-        return retraining_loss(logits, batch, target, distill)
+        loss = retraining_loss(logits, batch, target, distill)
+        if hidden_blocks:
+            loss = loss + hidden_distill * hidden_error(student_taps.outputs, hidden_target)
+        student_taps.outputs = []
+        return loss
 
     params = session.parameters()
     if not params:

@@ -8,6 +8,11 @@ their token ids plus the rest of the mass as one bucket (``1 − Σ top-k``): fo
 and k = 64, 8 MB instead of a 540 MB model. The loss (``losses.py``) is then the KL divergence between
 the teacher's (k + 1)-bucket distribution and the student's distribution folded the same way, which is
 exact when k equals the vocabulary.
+
+The same pass can also keep the dense model's **block outputs** (the residual stream after chosen
+decoder blocks, in bfloat16) for an intermediate-distillation term (``hidden.py``): matching them
+gives every trained block a target of its own instead of one signal through 30 blocks (Kurtic et
+al. 2023, "SquareHead"). 64 windows of 256 tokens, 576 features and 10 blocks: 190 MB.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmprune.errors import ConfigError
+from llmprune.recovery.hidden import BlockOutputs
 
 
 @dataclass
@@ -31,6 +37,8 @@ class TopKTargets:
     probs: Tensor  # (N, L, k) float32 teacher probabilities
     rest: Tensor  # (N, L) float32 the mass of every other token, summed directly (not 1 − Σ probs)
     seconds: float = 0.0  # what the teacher pass took (recovery pays it from its time budget)
+    hidden: Tensor | None = None  # (N, T, L, H) bfloat16: the outputs of decoder blocks ``hidden_blocks``
+    hidden_blocks: tuple[int, ...] = ()
 
     @property
     def k(self) -> int:
@@ -40,23 +48,35 @@ class TopKTargets:
         """(indices, probs, rest) of the windows ``rows`` (a 1-D index tensor into the N windows)."""
         return self.indices[rows], self.probs[rows], self.rest[rows]
 
+    def hidden_rows(self, rows: Tensor) -> Tensor | None:
+        """(B, T, L, H) dense block outputs of the windows ``rows``, or None if none were kept."""
+        return None if self.hidden is None else self.hidden[rows]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.indices, self.probs, self.rest))
+        kept = (self.indices, self.probs, self.rest) + (() if self.hidden is None else (self.hidden,))
+        return sum(t.numel() * t.element_size() for t in kept)
 
 
 @torch.no_grad()
-def topk_targets(teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int = 4) -> TopKTargets:
-    """Run ``teacher`` once over ``input_ids`` (N, L) and keep the top-``k`` next-token probabilities."""
+def topk_targets(
+    teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int = 4, hidden_blocks: tuple[int, ...] = ()
+) -> TopKTargets:
+    """Run ``teacher`` once over ``input_ids`` (N, L) and keep the top-``k`` next-token probabilities,
+    and the outputs of the decoder blocks numbered ``hidden_blocks`` (none by default)."""
     if k < 1:
         raise ConfigError(f"teacher_top_k must be >= 1 (or None for a live teacher), got {k}.")
     start = time.perf_counter()
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    indices, probs, rest = [], [], []
+    indices, probs, rest, hidden = [], [], [], []
+    taps = BlockOutputs(teacher, hidden_blocks)
     try:
         for batch in input_ids.split(batch_size):
-            logits = teacher(input_ids=batch.to(device), use_cache=False).logits  # (B, L, V)
+            with taps.recording():
+                logits = teacher(input_ids=batch.to(device), use_cache=False).logits  # (B, L, V)
+            if hidden_blocks:
+                hidden.append(taps.stacked().to("cpu", torch.bfloat16))  # (B, T, L, H)
             log_p = F.log_softmax(logits.float(), dim=-1)
             del logits
             top = torch.topk(log_p, min(k, log_p.shape[-1]), dim=-1)
@@ -68,5 +88,7 @@ def topk_targets(teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int 
     finally:
         teacher.train(was_training)
     targets = TopKTargets(input_ids, torch.cat(indices), torch.cat(probs), torch.cat(rest))
+    if hidden_blocks:
+        targets.hidden, targets.hidden_blocks = torch.cat(hidden), tuple(hidden_blocks)
     targets.seconds = time.perf_counter() - start
     return targets
