@@ -239,3 +239,6 @@ def test_distilling_recovery_keeps_no_dense_copy(tiny_checkpoint, capsys, monkey
 def test_recover_distill_without_a_teacher_fails_before_loading(tmp_path, capsys):
     assert main(["recover", "--model", str(tmp_path / "missing"), "--distill", "0.5"]) == 2
     assert "--distill needs --dense_model" in capsys.readouterr().err  # not "model not found"
+    args = ["recover", "--model", str(tmp_path / "missing"), "--option", "hidden_distill=1"]
+    assert main(args) == 2
+    assert "hidden_distill needs --dense_model" in capsys.readouterr().err

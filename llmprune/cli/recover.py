@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--distill {problem}")
     if s["distill"] and not s["dense_model"]:
         raise ConfigError("--distill needs --dense_model PATH (the dense checkpoint, the teacher).")
+    if options.get("hidden_distill") and not s["dense_model"]:
+        raise ConfigError("--option hidden_distill needs --dense_model PATH (the block outputs it matches).")
     config = before_loading(
         s["model"],
         output_dir=s["output_dir"],
