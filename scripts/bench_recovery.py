@@ -162,10 +162,7 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     import llmprune
     from llmprune.recovery import recover
     from llmprune.recovery import train as train_module
-    from llmprune.recovery.hidden import tapped_blocks
-    from llmprune.recovery.masking import decoder_blocks
-    from llmprune.recovery.precision import autocast
-    from llmprune.recovery.teacher import topk_targets
+    from llmprune.recovery.api import dense_targets
 
     calib, _ = load_data(a.data)
     settings = _settings(a)
@@ -180,11 +177,9 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
         row["generate_seconds"] = clock.perf_counter() - t0
         ids = torch.cat([ids, sampled])
     row["windows"] = list(ids.shape)
-    blocks = ()
-    if settings.get("hidden_distill"):  # the dense block outputs, from the same pass
-        blocks = tapped_blocks(len(decoder_blocks(model)), settings.get("hidden_stride", 3))
-    with autocast(settings.get("precision", "auto"), torch.device("cpu")):
-        targets = topk_targets(model, ids, top_k, a.batch_size, blocks)  # on the dense weights: no copy
+    # on the dense weights (no copy), the way `llmprune prune --recover` makes them: top-k and, with
+    # hidden_distill, the block outputs
+    targets = dense_targets(model, ids, {**settings, "teacher_top_k": top_k, "batch_size": a.batch_size})
     teacher_s = clock.perf_counter() - t0
     targets.seconds = teacher_s  # the budget pays all since t0: the sampled windows too, if any
     blob = torch.load(WORK / f"{_tag(method, sparsity)}.pt")

@@ -341,7 +341,7 @@ def dense_targets(model: nn.Module, input_ids: Tensor, recover_kwargs: dict[str,
     precision = recover_kwargs.get("precision", RUN_OPTIONS["precision"])
     weight = recover_kwargs.get("hidden_distill", RUN_OPTIONS["hidden_distill"])
     stride = recover_kwargs.get("hidden_stride", RUN_OPTIONS["hidden_stride"])
-    blocks = tapped_blocks(len(masking.decoder_blocks(model)), stride) if weight else ()
+    blocks = _hidden_blocks(model, weight, stride, "retrain", model, None)
     return _teacher_pass(model, input_ids, k, batch_size, precision, blocks)
 
 
