@@ -1,6 +1,7 @@
 """Fine-tuning a pruned SmolLM2 three ways with its zeros kept, and gradual pruning against one-shot.
 
-    nice -n 10 python scripts/bench_finetune.py --steps 40 --max_seconds 300 --threads 2
+    flock /work/wt/timed.lock python scripts/bench_finetune.py --steps 40 --max_seconds 300 --batch_size 2 \
+        --threads 2
 
 SmolLM2-135M is pruned once to 50 % with SparseGPT (``--num_calibration_samples`` × ``--max_seq_length``
 tokens of the built-in calibration text) and cached. Each arm then runs in a fresh process (so its peak
@@ -264,7 +265,7 @@ def table(r: dict, a) -> str:
     lines = [
         f"`scripts/bench_finetune.py --steps {a.steps} --max_seconds {a.max_seconds:g} "
         f"--batch_size {a.batch_size} --threads {a.threads}` "
-        f"(under `nice -n 10`, the machine shared with five other engineers' jobs, so seconds are noisy): "
+        f"({a.conditions}): "
         f"SmolLM2-135M, SparseGPT 50 % on {a.num_calibration_samples} × {a.max_seq_length} calibration "
         f"tokens, then per arm {a.steps} optimiser steps or {a.max_seconds:g} s of training, whichever came "
         f"first, on {a.train_windows} windows of 256 tokens of the built-in calibration text, batch "
@@ -340,6 +341,11 @@ def main() -> None:
     p.add_argument("--arms", default="trainer,lora,perp,gradual,overhead")
     p.add_argument("--overhead_rounds", type=int, default=5)
     p.add_argument("--section", default="finetune")
+    p.add_argument(
+        "--conditions",
+        default="arms one after another, each in its own process, alone under the timed lock",
+        help="how the machine was shared, for the table's header",
+    )
     p.add_argument("--one", choices=sorted(ARMS), help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
