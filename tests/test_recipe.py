@@ -85,7 +85,7 @@ eval: {tasks: [llmprune_mc], limit: 0.5}
         "r": 4,
     }
     # recovery draws its own windows: 64 by default, other than the pruning's (seed 7 + 1)
-    assert r.recover_windows_kwargs() == {"source": None, "num_samples": 64, "seq_len": None, "seed": 8}
+    assert r.recover_windows_kwargs() == {"source": "recovery", "num_samples": 64, "seq_len": None, "seed": 8}
     assert r.lm_eval_kwargs()["limit"] == 0.5 and r.lm_eval_kwargs()["batch_size"] == 8
     assert r.perplexity_kwargs() == {"dataset": None, "max_seq_length": 32, "limit": None, "batch_size": 2}
 

@@ -1,5 +1,6 @@
-"""Recovery trains on its own windows: short ones, drawn from the calibration text with another seed than
-the pruning's, unless the user says otherwise (recipe ``recover.*``, ``llmprune recover`` flags)."""
+"""Recovery trains on its own windows: short ones, drawn from the user's calibration text (else the built-in
+recovery corpus) with another seed than the pruning's, unless the user says otherwise (recipe
+``recover.*``, ``llmprune recover`` flags)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,18 @@ def text_file(tmp_path_factory):
 
 def test_defaults_are_recovery_windows_not_the_calibration_ones():
     r = recipe_from_yaml("calibration: {num_calibration_samples: 8, max_seq_length: 48, seed: 3}\n")
-    assert r.recover_windows_kwargs() == {"source": None, "num_samples": 64, "seq_len": None, "seed": 4}
+    assert r.recover_windows_kwargs() == {"source": "recovery", "num_samples": 64, "seq_len": None, "seed": 4}
+    r = recipe_from_yaml("calibration: {dataset: mine.txt}\n")  # the user's text: recovery reads it too
+    assert r.recover_windows_kwargs()["source"] == "mine.txt"
+
+
+def test_no_text_given_draws_from_the_builtin_recovery_corpus(monkeypatch):
+    """``recovery_windows(None, …)`` (``llmprune recover`` without ``--dataset``) must not fall back to the
+    calibration text alone."""
+    model, tok = tiny_lm(max_positions=64)
+    monkeypatch.setattr(win, "calibration_tokens", lambda source, *a, **k: source)
+    assert win.recovery_windows(None, tok, model, 4, 32, 1) == "recovery"
+    assert win.recovery_windows("mine.txt", tok, model, 4, 32, 1) == "mine.txt"
 
 
 def test_explicit_recover_data_settings_win():

@@ -1,10 +1,10 @@
 """Calibration and evaluation text: many kinds of source, one interface, seeded sampling.
 
 A *source* is any of: ``None`` (the built-in default), a built-in corpus name (``"calibration"``,
-``"evaluation"``, which is ``"validation"`` + ``"test"``), a list of strings, a ``datasets.Dataset``
-(``text`` column), a tensor of token ids ``(N, L)``, a local ``.txt``/``.jsonl``/``.json``/``.parquet``/
-``.csv`` file or a folder of them, a Hub dataset id (``"c4"`` and ``"wikitext2"`` are shorthands for the
-standard loaders), or ``"self"`` (data-free: text sampled from the model itself).
+``"recovery"``, ``"evaluation"``, which is ``"validation"`` + ``"test"``), a list of strings, a
+``datasets.Dataset`` (``text`` column), a tensor of token ids ``(N, L)``, a local ``.txt``/``.jsonl``/
+``.json``/``.parquet``/``.csv`` file or a folder of them, a Hub dataset id (``"c4"`` and ``"wikitext2"``
+are shorthands for the standard loaders), or ``"self"`` (data-free: text sampled from the model itself).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 #: built-in public-domain corpora shipped in llmprune/data (see scripts/make_corpora.py)
 BUILTIN = {
     "calibration": ("cfi_copyright_does_not_exist", "jargon_file"),
+    # what recovery trains on by default: the calibration text plus two literary ones (llmprune/recovery/
+    # windows.py says why); one document each, so each is drawn a quarter of the time
+    "recovery": ("cfi_copyright_does_not_exist", "jargon_file", "melville_mobydick", "shakespeare_plays"),
     "evaluation": ("austen_prideprejudice", "austen_emma"),
     # the held-out text split once, by novel: defaults are chosen on "validation", tables report "test"
     "validation": ("austen_emma",),

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--distill", type=float, help="retrain: weight of KL to the dense model, 0..1 (default 1)")
     g.add_argument(
         "--recover_dataset",
-        help="text recovery trains on (default: --dataset); text like what the model will read recovers most",
+        help="text recovery trains on (default: --dataset, else the built-in recovery text); text like "
+        "what the model will read recovers most",
     )
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", help="held-out text for perplexity (default: built-in Austen novels)")

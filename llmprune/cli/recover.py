@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "teacher_top_k=K",
     )
     g = p.add_argument_group("training data")
-    g.add_argument("--dataset", help="training text: file, folder, Hub dataset, c4 (default built-in)")
+    g.add_argument(
+        "--dataset", help="training text: file, folder, Hub dataset, c4 (default: built-in recovery text)"
+    )
     g.add_argument("--num_calibration_samples", type=int, help=f"training windows (default {NUM_WINDOWS})")
     g.add_argument("--max_seq_length", type=int, help="tokens per window (default 256, at most the model's)")
     g.add_argument(
