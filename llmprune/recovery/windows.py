@@ -25,7 +25,9 @@ from torch import Tensor
 from llmprune.calibration.data import calibration_tokens
 from llmprune.preflight import max_positions, window_length
 
-#: training windows drawn for recovery (the teacher pass costs one forward per window: 45 s here)
+#: training windows drawn for recovery (the teacher pass costs one forward per window: 39 s here). 192
+#: windows of the recovery corpus were 1.0-1.3 % better on the validation part at 10 minutes, under the
+#: 2 % a costlier setting must win by (a 115 s teacher pass; docs/benchmarks.md, sixth round)
 NUM_WINDOWS = 64
 #: tokens per training window (capped by the model's positions)
 WINDOW_LENGTH = 256
