@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmprune.calibration.modules import first_output
 from llmprune.errors import ConfigError
 from llmprune.io.atomic import remove_stale_temporaries, temp_path
 
@@ -182,8 +183,7 @@ def batch_ranges(share: range, batch_size: int) -> list[range]:
 
 def call_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict[str, Any]) -> Tensor:
     """Run one block as the model does; blocks return a Tensor (transformers 5) or a tuple (older)."""
-    out = block(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return first_output(block(hidden, *args, **kwargs))
 
 
 def move_outside_blocks(model: nn.Module, blocks_prefix: str, device: torch.device) -> None:

@@ -27,6 +27,12 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transposed(module)
 
 
+def first_output(out: Tensor | tuple | list) -> Tensor:
+    """A block's (or attention's) main output: blocks return a Tensor in transformers 5 and a tuple in
+    older versions, attention modules a tuple ``(output, weights)``."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """Return (prefix, blocks): the ModuleList path (e.g. ``model.layers``) and its blocks in order."""
     block_types = set(getattr(model, "_no_split_modules", None) or [])

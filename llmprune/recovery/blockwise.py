@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmprune.calibration.modules import prunable_linears
+from llmprune.calibration.modules import first_output, prunable_linears
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.recovery import masking
 from llmprune.recovery.lift import LiftOptions, LiftSession
@@ -61,10 +61,6 @@ DEFAULT_LR = {"perp": 3e-3, "lift": 3e-3}
 #: the TrainSettings that apply per block (a step is one batch of the block's inputs)
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSettings)}
 TRAIN_KEYS -= {"batch_size", "gradient_accumulation_steps"}
-
-
-def _output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def sub_block_modules(block: nn.Module) -> dict[str, str]:
@@ -115,9 +111,9 @@ class SubBlockTaps:
         def hook_for(name: str):
             def hook(_module, _inputs, output):
                 if record:
-                    self.targets[name].append(_output(output).detach())
+                    self.targets[name].append(first_output(output).detach())
                 else:
-                    self.outputs[name] = _output(output)
+                    self.outputs[name] = first_output(output)
 
             return hook
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from llmprune.calibration.modules import first_output
 from llmprune.errors import ConfigError
 from llmprune.recovery.masking import decoder_blocks
 
@@ -29,10 +30,6 @@ def tapped_blocks(num_blocks: int, stride: int) -> tuple[int, ...]:
     if stride < 1:
         raise ConfigError(f"hidden_stride must be >= 1 (1 = every block), got {stride}.")
     return tuple(range(num_blocks - 1, -1, -stride))[::-1]
-
-
-def _output(out) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class BlockOutputs:
@@ -52,7 +49,7 @@ class BlockOutputs:
         self.outputs = []
 
         def hook(_module, _inputs, output):
-            self.outputs.append(_output(output))
+            self.outputs.append(first_output(output))
 
         handles = [block.register_forward_hook(hook) for block in self.blocks]
         try:
@@ -74,9 +71,10 @@ class BlockOutputs:
 def hidden_error(outputs: Sequence[Tensor], targets: Tensor) -> Tensor:
     """Mean over tapped blocks and tokens of ``‖h − t‖² / ‖t‖²`` (fp32); ``targets`` is ``(B, T, L, H)``,
     ``outputs`` the T tensors ``(B, L, H)`` of the same blocks."""
-    total = torch.zeros((), dtype=torch.float32, device=targets.device)
+    if not outputs:
+        return torch.zeros((), dtype=torch.float32, device=targets.device)
+    errors = []
     for i, h in enumerate(outputs):
         t = targets[:, i].to(device=h.device, dtype=torch.float32)
-        err = (h.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
-        total = total.to(h.device) + err.mean()
-    return total / max(1, len(outputs))
+        errors.append(((h.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).mean())
+    return torch.stack(errors).mean()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmprune.calibration.modules import first_output
 from llmprune.errors import ConfigError
 from llmprune.recovery import masking
 from llmprune.recovery.blockwise import BlockReconstructor, SubBlockTaps
@@ -36,10 +37,6 @@ BlockCall = tuple[Tensor, dict[str, Any]]  # (hidden_states (B, L, H), the other
 
 class _Stop(Exception):
     """Raised by the capture hook: nothing after block 0 needs to run."""
-
-
-def _hidden(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -70,7 +67,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Tenso
 
 @torch.no_grad()
 def block_outputs(block: nn.Module, calls: list[BlockCall]) -> list[Tensor]:
-    return [_hidden(block(x, **kw)).detach() for x, kw in calls]
+    return [first_output(block(x, **kw)).detach() for x, kw in calls]
 
 
 def _call(block: nn.Module, calls: list[BlockCall], b: int) -> Any:
