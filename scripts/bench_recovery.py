@@ -127,14 +127,14 @@ def _snapshot(model, path: Path) -> None:
 
 def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok, model) -> torch.Tensor:
     """The pruning's calibration windows cut to 256 tokens (``--windows 0``), or ``--windows`` fresh
-    256-token windows drawn with ``--windows_seed`` from ``--text``: a local file or folder, a built-in
-    corpus name (``calibration``: the rows of the rounds before the sixth), or by default what
-    ``llmprune prune --recover`` trains on when given no text (the built-in ``recovery`` corpus)."""
+    windows of ``--window_length`` tokens drawn with ``--windows_seed`` from ``--text``: a local file or
+    folder, a built-in corpus name (``calibration``: the rows of the rounds before the sixth), or by default
+    what ``llmprune prune --recover`` trains on when given no text (the built-in ``recovery`` corpus)."""
     if not a.windows:
         return torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
     from llmprune.recovery.windows import recovery_windows
 
-    return recovery_windows(a.text, tok, model, a.windows, 256, a.windows_seed)
+    return recovery_windows(a.text, tok, model, a.windows, a.window_length, a.windows_seed)
 
 
 @torch.no_grad()
@@ -291,6 +291,7 @@ def run_job(a: argparse.Namespace, kind: str, method: str, sparsity: str) -> Non
     calib, _ = load_data(a.data)
     row: dict = {"method": method, "sparsity": sparsity, "kind": kind, "budget_s": a.budget}
     row.update(threads=a.threads, settings=_settings(a), batch=a.batch_size, suffix=a.suffix, text=a.text)
+    row["window_length"] = a.window_length
     if kind == "e2e":
         row["kind"] = f"e2e {a.recover_method}"
         e2e_job(a, method, sparsity, out, row)
@@ -449,6 +450,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out/recovery.json"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--windows", type=int, default=0, help="e2e: fresh training windows (0: the pruning's)")
+    p.add_argument("--window_length", type=int, default=256, help="e2e with --windows: tokens per window")
     p.add_argument("--windows_seed", type=int, default=1, help="seed of the fresh windows (pruning: 0)")
     p.add_argument(
         "--text", help="e2e with --windows: training text (file, folder, built-in name; default: llmprune's)"

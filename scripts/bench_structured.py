@@ -6,7 +6,8 @@ Phases (``--phase all`` runs them in order; each can be run alone and they share
    model with the same calibration windows (``bench_common``'s ``calib.pt``) and is scored on the test
    part of the held-out text (``test.pt``); the exact removal is recorded, the rows to be recovered are
    saved.
-2. ``lr`` (niced): the learning rate of ``--recover full`` chosen on the *validation* part (``valid.pt``).
+2. ``lr``: the learning rate of ``--recover full`` chosen on the *validation* part (``valid.pt``), the
+   same ``--lr_steps`` for every rate (60: what ten minutes buy on one core), no lock.
 3. ``speed`` (takes the timed lock, ``--lock``): every row's shape rebuilt from its recorded removal and
    timed *alternately* with the dense model in one process (``evaluation.speed.compare_speed``).
 4. ``recover``: each listed row recovers for ``--recover_seconds`` under the timed lock (one lock per row),
@@ -177,15 +178,20 @@ def dense_row(args) -> None:
 
 
 def recovery_windows(tok, args) -> torch.Tensor:
-    """Training windows for recovery: the calibration text with another seed than the pruning windows."""
+    """Training windows for recovery, with another seed than the pruning windows: ``--recover_text``, by
+    default the text ``llmprune prune --structure … --recover`` reads when given none (the built-in
+    ``recovery`` corpus); ``calibration`` is what the rows of sessions before 11 trained on."""
     from llmprune.calibration.data import calibration_tokens
+    from llmprune.recovery.windows import DEFAULT_TEXT
 
-    return calibration_tokens(None, tok, args.recover_windows, args.max_seq_length, seed=1)
+    text = args.recover_text or DEFAULT_TEXT
+    return calibration_tokens(text, tok, args.recover_windows, args.max_seq_length, seed=1)
 
 
 def choose_lr(args) -> None:
-    """``--recover full`` of one saved row for ``--lr_seconds`` per setting (one timed lock for all of
-    them, as the recovery itself is time-budgeted), scored on the *validation* part."""
+    """``--recover full`` of one saved row for ``--lr_steps`` steps per setting (no lock: the same steps for
+    every rate; ``--lr_steps 0``: ``--lr_seconds`` each under one timed lock, which compares budgets as
+    much as rates when the load changes), scored on the *validation* part."""
     import llmprune
     from llmprune.recovery import recover
 
@@ -219,7 +225,7 @@ def choose_lr(args) -> None:
                 "peak_memory_mib": res.peak_memory_mib,
             }
             record["runs"].append(run)
-            record.update(row=args.lr_row, windows=list(ids.shape))
+            record.update(row=args.lr_row, windows=list(ids.shape), text=args.recover_text or "recovery")
             record.update({"steps": args.lr_steps} if args.lr_steps else {"seconds": args.lr_seconds})
             save_json(path, record)
             print(json.dumps(run), flush=True)
@@ -342,7 +348,7 @@ def child(args, *extra: str, nice: bool = True) -> subprocess.Popen:
 def _forward(args) -> list[str]:
     keys = ("model", "data", "out", "rows", "threads", "speed_threads", "recover_rows", "recover_seconds")
     keys += ("recover_batch", "recover_windows", "max_seq_length", "lock", "unstructured_at", "lrs")
-    keys += ("save_at",)
+    keys += ("save_at", "recover_text")
     keys += ("lr_seconds", "lr_steps", "lr_row", "shapes")
     out = []
     for k in keys:
@@ -379,10 +385,13 @@ def main() -> None:
     ap.add_argument("--save_at", type=float, default=0.3, help="save this sparsity's models (recovery)")
     ap.add_argument("--recover_seconds", type=float, default=600)
     ap.add_argument("--recover_batch", type=int, default=4)
-    ap.add_argument("--recover_windows", type=int, default=128)
-    ap.add_argument("--lrs", default="3e-5,1e-4,3e-4,adafactor:1e-3")
+    ap.add_argument("--recover_windows", type=int, default=64, help="as the product (sessions < 11: 128)")
+    ap.add_argument("--recover_text", help="recovery's training text (default: the product's, `recovery`)")
+    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--lr_seconds", type=float, default=180, help="recovery budget of each lr tried")
-    ap.add_argument("--lr_steps", type=int, help="lr sweep: steps per setting (no lock) instead of seconds")
+    ap.add_argument(
+        "--lr_steps", type=int, default=60, help="lr sweep: steps per setting (no lock); 0: --lr_seconds each"
+    )
     ap.add_argument("--lr_row", default="depth-block_influence-0.3")
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # child: prune one sparsity
     ap.add_argument("--dense_one", action="store_true", help=argparse.SUPPRESS)  # child: the dense row
