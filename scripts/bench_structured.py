@@ -177,15 +177,20 @@ def dense_row(args) -> None:
     )
 
 
+def recover_text(args) -> str:
+    """The text recovery trains on: ``--recover_text``, else the product's default."""
+    from llmprune.recovery.windows import DEFAULT_TEXT
+
+    return args.recover_text or DEFAULT_TEXT
+
+
 def recovery_windows(tok, args) -> torch.Tensor:
     """Training windows for recovery, with another seed than the pruning windows: ``--recover_text``, by
     default the text ``llmprune prune --structure … --recover`` reads when given none (the built-in
     ``recovery`` corpus); ``calibration`` is what the rows of sessions before 11 trained on."""
     from llmprune.calibration.data import calibration_tokens
-    from llmprune.recovery.windows import DEFAULT_TEXT
 
-    text = args.recover_text or DEFAULT_TEXT
-    return calibration_tokens(text, tok, args.recover_windows, args.max_seq_length, seed=1)
+    return calibration_tokens(recover_text(args), tok, args.recover_windows, args.max_seq_length, seed=1)
 
 
 def choose_lr(args) -> None:
@@ -225,7 +230,7 @@ def choose_lr(args) -> None:
                 "peak_memory_mib": res.peak_memory_mib,
             }
             record["runs"].append(run)
-            record.update(row=args.lr_row, windows=list(ids.shape), text=args.recover_text or "recovery")
+            record.update(row=args.lr_row, windows=list(ids.shape), text=recover_text(args))
             record.update({"steps": args.lr_steps} if args.lr_steps else {"seconds": args.lr_seconds})
             save_json(path, record)
             print(json.dumps(run), flush=True)
