@@ -18,7 +18,9 @@ Kinds:
   top-k targets computed first (on the dense weights, before the pruned ones are loaded: no copy; the
   pass is *inside* the budget), bfloat16 autocast, block checkpointing; on the calibration windows cut to
   256 tokens, batch 4. The trained state is saved at 2 and 5 minutes and at the end (clock paused) and
-  scored afterwards by ``evaluate`` at nice 19, so the timed lock is held for training only;
+  scored afterwards by ``evaluate`` at nice 19, so the timed lock is held for training only. With
+  ``--warm_steps N`` the dense model is first pruned again with N block-wise steps per block fused into
+  the pass (a warm start whose recovery time the budget pays; tried and not adopted, eighth round);
 * ``perp``: the previous end-to-end default (live dense copy as teacher, float32, no checkpointing),
   perplexity at 2, 5 and 10 minutes evaluated in the run (the loop's clock is paused meanwhile);
 * ``blockwise``: ``recover(mode="reconstruct")`` on the cached pruned model with a dense copy, one run per
@@ -158,6 +160,31 @@ def _sampled_windows(model, tok, count: int, length: int, seed: int, batch: int 
     return torch.cat(rows)
 
 
+def _fused_warm_start(a, model, tok, calib, method: str, sparsity: str, clock, out: Path, row: dict):
+    """``--warm_steps N``: prune the dense ``model`` again with the cached pruning's settings, now with
+    ``N`` steps of block-wise PERP per block fused into the pass, as a warm start for the end-to-end
+    run. Its recovery seconds are paid from the budget, the pruning's own are not (the clock is paused
+    for them). The masks differ from the plain pruning's (later blocks see recovered inputs), so the
+    pruned weights are saved for ``evaluate``; the gap stays measured from the plain pruning."""
+    import llmprune
+
+    start = time.perf_counter()
+    result = llmprune.prune(
+        model, tok, method=method, sparsity=sparsity, dataset=calib, num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1], progress=False, recover=a.recover_method,
+        recover_options={"steps": a.warm_steps},
+    )  # fmt: skip
+    fused_s = result.recovery["seconds"]
+    clock.paused += time.perf_counter() - start - fused_s
+    row.update(warm_seconds=fused_s, warm_steps_done=result.recovery["steps_done"])
+    path = out.with_name(out.stem + "_pruned.pt")
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in result.keep_masks}
+    torch.save({"weights": weights, "keep": result.keep_masks}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    row["pruned_blob"] = str(path)
+    return result.keep_masks
+
+
 def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: dict) -> None:
     """Timed part of an ``e2e`` run: teacher targets (in the budget), training, snapshots; no scoring."""
     import llmprune
@@ -183,12 +210,16 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     targets = dense_targets(model, ids, {**settings, "teacher_top_k": top_k, "batch_size": a.batch_size})
     teacher_s = clock.perf_counter() - t0
     targets.seconds = teacher_s  # the budget pays all since t0: the sampled windows too, if any
-    blob = torch.load(WORK / f"{_tag(method, sparsity)}.pt")
-    with torch.no_grad():
-        for name, w in blob["weights"].items():
-            model.get_submodule(name).weight.copy_(w)
-    keep = blob["keep"]
-    del blob
+    if a.warm_steps:  # prune again, block-wise recovery fused into the pass (paid from the budget)
+        keep = _fused_warm_start(a, model, tok, calib, method, sparsity, clock, out, row)
+        targets.seconds += row["warm_seconds"]
+    else:
+        blob = torch.load(WORK / f"{_tag(method, sparsity)}.pt")
+        with torch.no_grad():
+            for name, w in blob["weights"].items():
+                model.get_submodule(name).weight.copy_(w)
+        keep = blob["keep"]
+        del blob
     marks = [c for c in CHECKPOINTS if c < a.budget]
     snaps: list[dict] = []
 
@@ -214,7 +245,7 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
         callback=callback,
         **settings,
     )  # fmt: skip  (recover() pays the teacher pass, targets.seconds, from max_seconds)
-    row.update(seconds=info.seconds + teacher_s, train_seconds=info.seconds, teacher_seconds=teacher_s)
+    row.update(seconds=info.seconds + targets.seconds, train_seconds=info.seconds, teacher_seconds=teacher_s)
     row.update(steps=info.steps_done, trainable=info.trainable_params, lr=info.options["lr"])
     row.update(precision=info.options["precision"], top_k=top_k, snapshots=snaps)
     row.update(gradient_checkpointing=info.options["gradient_checkpointing"])
@@ -244,22 +275,23 @@ def evaluate(a: argparse.Namespace) -> None:
         if "ppl_test" in row or (wanted and _tag(row["method"], row["sparsity"]) not in wanted):
             continue
         blob = torch.load(WORK / f"{_tag(row['method'], row['sparsity'])}.pt")
+        base = torch.load(row["pruned_blob"]) if "pruned_blob" in row else blob  # --warm_steps: its own
         model, _ = llmprune.load_model(a.model)
         model.load_state_dict(torch.load(row["final_state"]))
-        row["mask_unchanged"] = row["mask_unchanged"] and _mask_kept(model, blob["keep"], blob["weights"])
+        row["mask_unchanged"] = row["mask_unchanged"] and _mask_kept(model, base["keep"], base["weights"])
         row.update({f"ppl_{k}": v for k, v in _perplexities(model, a.data).items()})
         row["ppl_before_test"], row["ppl_before_valid"] = blob["ppl"], blob["ppl_valid"]
         checkpoints = []
         for snap in row.get("snapshots", []):
             model, _ = llmprune.load_model(a.model)
             with torch.no_grad():
-                for name, w in blob["weights"].items():
+                for name, w in base["weights"].items():
                     model.get_submodule(name).weight.copy_(w)
             state = torch.load(snap["path"])
             session = None
             if any(".lora_" in n for n in state):
                 opts = {k: v for k, v in row["settings"].items() if k in ("r", "alpha", "lora", "lm_head")}
-                targets = masking.resolve_targets(model, blob["keep"])
+                targets = masking.resolve_targets(model, base["keep"])
                 session = PerpSession(model, targets, PerpOptions(**opts))
                 session.attach()
             params = dict(model.named_parameters())
@@ -455,6 +487,10 @@ def main() -> None:
     p.add_argument(
         "--text", help="e2e with --windows: training text (file, folder, built-in name; default: llmprune's)"
     )
+    p.add_argument(
+        "--warm_steps", type=int, default=0,
+        help="e2e: prune again with this many block-wise steps per block fused in, then train end to end",
+    )  # fmt: skip
     p.add_argument(
         "--generated", type=int, default=0, help="e2e: add this many windows sampled from the dense model"
     )
