@@ -75,12 +75,11 @@ def window_perplexity(model, ev: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
-def prune_fixed(model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any]):
-    """Load and prune with the fixed calibration tokens. -> (model, PruneResult, prune seconds)."""
+def prune_on_windows(model, tok, calib, method: str, sparsity: str, options: dict[str, Any]):
+    """Prune ``model`` in place on the calibration windows ``calib`` (all of them, at their length), the
+    benchmarks' one way to call ``llmprune.prune``. -> (PruneResult, prune seconds)."""
     import llmprune
 
-    calib, _ = load_data(data)
-    model, tok = llmprune.load_model(model_name)
     start = time.perf_counter()
     result = llmprune.prune(
         model,
@@ -93,7 +92,16 @@ def prune_fixed(model_name: str, data: Path, method: str, sparsity: str, options
         progress=False,
         **options,
     )
-    return model, result, time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def prune_fixed(model_name: str, data: Path, method: str, sparsity: str, options: dict[str, Any]):
+    """Load and prune with the fixed calibration tokens. -> (model, PruneResult, prune seconds)."""
+    import llmprune
+
+    calib, _ = load_data(data)
+    model, tok = llmprune.load_model(model_name)
+    return (model, *prune_on_windows(model, tok, calib, method, sparsity, options))
 
 
 def run_one(

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import save_json, write_section  # noqa: E402
+from bench_common import prune_on_windows, save_json, write_section  # noqa: E402
 
 WORK = Path("bench_out/finetune")
 
@@ -93,18 +93,7 @@ def prune_arm(a) -> dict:
     model, tok = llmprune.load_model(a.model)
     blob = torch.load(WORK / "data.pt")
     dense_ppl = held_out_ppl(model, blob["eval"])
-    start = time.perf_counter()
-    result = llmprune.prune(
-        model,
-        tok,
-        method="sparsegpt",
-        sparsity=0.5,
-        dataset=blob["calib"],
-        num_calibration_samples=blob["calib"].shape[0],
-        max_seq_length=blob["calib"].shape[1],
-        progress=False,
-    )
-    prune_s = time.perf_counter() - start
+    result, prune_s = prune_on_windows(model, tok, blob["calib"], "sparsegpt", "0.5", {})
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in result.keep_masks}
     torch.save({"weights": weights, "keep": result.keep_masks}, WORK / "pruned.pt")
     return {"dense_ppl": dense_ppl, "pruned_ppl": held_out_ppl(model, blob["eval"]), "prune_s": prune_s}

@@ -46,7 +46,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import load_data, prune_fixed, save_json, window_perplexity, write_section  # noqa: E402
+from bench_common import (  # noqa: E402
+    load_data,
+    prune_fixed,
+    prune_on_windows,
+    save_json,
+    window_perplexity,
+    write_section,
+)
 
 WORK = Path("bench_out/recovery")
 CHECKPOINTS = (120.0, 300.0, 600.0)
@@ -165,24 +172,19 @@ def _fused_warm_start(a, model, tok, calib, method: str, sparsity: str, clock, o
     ``N`` steps of block-wise PERP per block fused into the pass, as a warm start for the end-to-end
     run. Its recovery seconds are paid from the budget, the pruning's own are not (the clock is paused
     for them). The masks differ from the plain pruning's (later blocks see recovered inputs), so the
-    pruned weights are saved for ``evaluate``; the gap stays measured from the plain pruning."""
-    import llmprune
-
-    start = time.perf_counter()
-    result = llmprune.prune(
-        model, tok, method=method, sparsity=sparsity, dataset=calib, num_calibration_samples=calib.shape[0],
-        max_seq_length=calib.shape[1], progress=False, recover=a.recover_method,
-        recover_options={"steps": a.warm_steps},
-    )  # fmt: skip
+    pruned weights are saved for ``evaluate``; the gap stays measured from the plain pruning.
+    -> (keep-masks, the fused recovery's seconds)."""
+    options = {"recover": a.recover_method, "recover_options": {"steps": a.warm_steps}}
+    result, wall = prune_on_windows(model, tok, calib, method, sparsity, options)
     fused_s = result.recovery["seconds"]
-    clock.paused += time.perf_counter() - start - fused_s
+    clock.paused += wall - fused_s
     row.update(warm_seconds=fused_s, warm_steps_done=result.recovery["steps_done"])
     path = out.with_name(out.stem + "_pruned.pt")
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in result.keep_masks}
     torch.save({"weights": weights, "keep": result.keep_masks}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
     row["pruned_blob"] = str(path)
-    return result.keep_masks
+    return result.keep_masks, fused_s
 
 
 def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: dict) -> None:
@@ -211,8 +213,8 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     teacher_s = clock.perf_counter() - t0
     targets.seconds = teacher_s  # the budget pays all since t0: the sampled windows too, if any
     if a.warm_steps:  # prune again, block-wise recovery fused into the pass (paid from the budget)
-        keep = _fused_warm_start(a, model, tok, calib, method, sparsity, clock, out, row)
-        targets.seconds += row["warm_seconds"]
+        keep, warm_s = _fused_warm_start(a, model, tok, calib, method, sparsity, clock, out, row)
+        targets.seconds += warm_s
     else:
         blob = torch.load(WORK / f"{_tag(method, sparsity)}.pt")
         with torch.no_grad():
@@ -330,15 +332,11 @@ def run_job(a: argparse.Namespace, kind: str, method: str, sparsity: str) -> Non
         return
     if kind == "fused":
         model, tok = llmprune.load_model(a.model)
-        start = time.perf_counter()
         options = {"max_seconds": a.budget, "steps": a.steps or 10_000, **_settings(a)}
-        result = llmprune.prune(
-            model, tok, method=method, sparsity=sparsity, dataset=calib, batch_size=a.batch_size,
-            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1], progress=False,
-            recover=a.recover_method, recover_options=options,
-        )  # fmt: skip
+        fused = {"batch_size": a.batch_size, "recover": a.recover_method, "recover_options": options}
+        result, wall = prune_on_windows(model, tok, calib, method, sparsity, fused)
         rec = result.recovery
-        row.update(wall_s=time.perf_counter() - start, seconds=rec["seconds"], steps=rec["steps_done"])
+        row.update(wall_s=wall, seconds=rec["seconds"], steps=rec["steps_done"])
         row.update(trainable=rec["trainable_params"], lr=rec["options"]["lr"])
         before = None
         keep, pruned = result.keep_masks, None
