@@ -241,11 +241,10 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
         method=a.recover_method,
         keep_masks=keep,
         teacher_targets=targets,
-        steps=10_000,
         max_seconds=a.budget,
         batch_size=a.batch_size,
         callback=callback,
-        **settings,
+        **{"steps": 10_000, **settings},  # --steps caps the run below the budget's own count
     )  # fmt: skip  (recover() pays the teacher pass, targets.seconds, from max_seconds)
     row.update(seconds=info.seconds + targets.seconds, train_seconds=info.seconds, teacher_seconds=teacher_s)
     row.update(steps=info.steps_done, trainable=info.trainable_params, lr=info.options["lr"])
@@ -366,8 +365,9 @@ def run_job(a: argparse.Namespace, kind: str, method: str, sparsity: str) -> Non
             train_module.time = clock  # the loop reads its clock through this name
             t0 = clock.perf_counter()
             info = recover(
-                model, input_ids=ids, method="perp", keep_masks=keep, dense_model=dense, steps=10_000,
-                max_seconds=a.budget, batch_size=a.batch_size, callback=callback, **_settings(a),
+                model, input_ids=ids, method="perp", keep_masks=keep, dense_model=dense,
+                max_seconds=a.budget, batch_size=a.batch_size, callback=callback,
+                **{"steps": 10_000, **_settings(a)},
             )  # fmt: skip
         else:
             info = recover(

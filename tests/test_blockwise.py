@@ -116,10 +116,70 @@ def test_same_seed_same_weights_other_seed_other_weights(one_thread) -> None:
         ("perp", {"r": -1}, "rank r must be >= 1"),
         ("lift", {"steps": 0}, "steps must be >= 1"),
         ("perp", {"lr": -1.0}, "lr must be > 0"),
-        ("perp", {"batch_size": 2}, "set prune's batch_size"),
+        ("perp", {"batch_size": 2}, "set micro_batch"),
+        ("perp", {"micro_batch": 0}, "micro_batch must be a whole number"),
+        ("lift", {"micro_batch": 1.5}, "micro_batch must be a whole number"),
         (None, {"steps": 2}, "recover is not"),
     ],
 )
 def test_bad_recovery_options_fail_before_loading(tmp_path, recover, options, message) -> None:
     with pytest.raises(ConfigError, match=message):  # not "model not found": nothing was loaded
         llmprune.prune(str(tmp_path / "missing"), recover=recover, recover_options=options)
+
+
+def _sub_block_outputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Block 0's attention and MLP outputs of a Llama on ``ids``, read directly (not through the taps)."""
+    layer, seen = model.model.layers[0], {}
+    handles = [
+        layer.self_attn.o_proj.register_forward_hook(lambda _m, _i, out: seen.__setitem__("attention", out)),
+        layer.mlp.down_proj.register_forward_hook(lambda _m, _i, out: seen.__setitem__("mlp", out)),
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_a_step_is_a_micro_batch_of_the_calibration_batch(one_thread) -> None:
+    """micro_batch=1 with batches of 4: each of block 0's first steps trains on one window. With a rate
+    too small to move anything, the first losses are then the per-window errors of the plain pruned
+    block against the dense one, computed here window by window from the two models: they fail if a step
+    takes the wrong rows of its inputs or of its targets, or skips or repeats windows."""
+    dense, plain, fused = make_model("llama"), make_model("llama"), make_model("llama")
+    _prune(plain)
+    result = _prune(fused, "perp", steps=8, lr=1e-12, micro_batch=1)
+    record = result.recovery["details"]["blocks"][0]
+    assert record["windows_per_step"] == 1 and record["steps"] == 8
+    assert result.recovery["options"]["micro_batch"] == 1
+    want = []
+    for window in _ids().split(1):
+        got, ref = _sub_block_outputs(plain, window), _sub_block_outputs(dense, window)
+        want.append(sum(float((got[k] - ref[k]).pow(2).sum() / ref[k].pow(2).sum()) for k in ref))
+    assert sorted(record["losses"]) == pytest.approx(sorted(want), rel=2e-3)
+
+
+def test_the_default_step_is_about_2048_tokens_whatever_prune_batch(monkeypatch, one_thread) -> None:
+    """The default micro-batch follows the window length, not prune's batch_size: with 24-token windows
+    and 48 tokens per step, a step is 2 windows, in batches of 4 as of 8 (same steps, same cost)."""
+    from llmprune.recovery import blockwise
+
+    monkeypatch.setattr(blockwise, "DEFAULT_STEP_TOKENS", 48)
+    calls = []
+    for batch_size in (4, 8):
+        model = make_model("llama")
+        block = decoder_blocks(model)[0][1]
+        rows = []
+
+        def count(_m, a, kw, rows=rows):
+            if torch.is_grad_enabled():  # a training forward, not the calibration or propagation ones
+                rows.append((a[0] if a else kw["hidden_states"]).shape[0])
+
+        block.register_forward_pre_hook(count, with_kwargs=True)
+        result = llmprune.prune(
+            model, method="wanda", sparsity=0.5, dataset=_ids(), batch_size=batch_size, progress=False,
+            recover="perp", recover_options={"steps": 3, "lr": 2e-3},
+        )  # fmt: skip
+        assert [b["windows_per_step"] for b in result.recovery["details"]["blocks"]] == [2, 2]
+        calls.append(rows)
+    assert calls[0] == calls[1] == [2, 2, 2]  # block 0's training forwards: three steps of two windows

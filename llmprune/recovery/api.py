@@ -242,7 +242,9 @@ def recover(
     if mode == "reconstruct":  # one session per block (blockwise.py), none over the whole model
         fields = {k: v for k, v in dataclasses.asdict(settings).items() if k in blockwise.TRAIN_KEYS}
         reconstructor = blockwise.BlockReconstructor(
-            blockwise.BlockwiseOptions(method=method, method_options=options, **fields),
+            blockwise.BlockwiseOptions(
+                method=method, method_options=options, micro_batch=settings.batch_size, **fields
+            ),  # a step is recover()'s batch, as in the end-to-end modes
             len(masking.decoder_blocks(model)),
         )
         try:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune.calibration.modules import first_output, prunable_linears
+from llmprune.calibration.rows import row_chunks
 from llmprune.errors import ConfigError, did_you_mean
 from llmprune.recovery import masking
 from llmprune.recovery.lift import LiftOptions, LiftSession
@@ -54,6 +55,12 @@ SESSIONS: dict[str, tuple[type, type]] = {
 #: time (84 vs 162 s) for 1.3 %, under the 2 % a costlier setting must win by. The peak learning rate per
 #: method: see docs/benchmarks.md, "Block-wise reconstruction" (chosen on the validation part).
 DEFAULT_STEPS = 4
+#: tokens per step when ``micro_batch`` is not given: the 4 x 512 DEFAULT_STEPS and the rates were chosen
+#: at. A step is a micro-batch of the calibration batch, so prune's ``batch_size`` (a memory and speed
+#: setting of the pass) does not change what a recovery step costs: at its default of 8 windows a step
+#: of the whole batch cost twice the time for no better a result (Wanda 50 %, validation part, 72.47 vs
+#: 71.75; docs/benchmarks.md, "Eighth round").
+DEFAULT_STEP_TOKENS = 2048
 #: perp 3e-3 over 1e-3: Wanda 50 %, fused, 300 s, validation ppl 71.34 vs 73.93 (pruned 75.43, dense 39.23).
 #: lift 3e-3: Wanda 50 %, fused, 4 steps per block, validation ppl 3e-4/1e-3/3e-3/1e-2 -> 74.99/73.32/
 #: 73.26/74.04 (the lowest; 1e-3 within 0.1 %, so in effect one rate for both methods).
@@ -162,9 +169,13 @@ class BlockwiseOptions:
     max_grad_norm: float | None = 1.0
     optim: str = "adamw"
     seed: int = 0
+    micro_batch: int | None = None  # windows per step; None = DEFAULT_STEP_TOKENS worth, at least one
     method_options: dict[str, Any] = field(default_factory=dict)  # PerpOptions / LiftOptions keywords
 
     def __post_init__(self) -> None:
+        mb = self.micro_batch
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
+            raise ConfigError(f"micro_batch must be a whole number of windows >= 1 (or None), got {mb!r}.")
         if self.method not in SESSIONS:
             raise ConfigError(
                 f"unknown recovery method {self.method!r}{did_you_mean(self.method, SESSIONS)}: use "
@@ -191,10 +202,16 @@ class BlockwiseOptions:
             if key in options:
                 raise ConfigError(
                     f"recover option {key!r} does not apply to block-wise reconstruction inside prune: a "
-                    "step is one calibration batch of one block (set prune's batch_size instead)."
+                    "step is a few calibration windows of one block (set micro_batch, windows per step)."
                 )
         train.setdefault("seed", seed)
-        return cls(method=method, method_options=options, **train)
+        micro_batch = options.pop("micro_batch", None)
+        return cls(method=method, method_options=options, micro_batch=micro_batch, **train)
+
+    def rows_per_step(self, batch: int, length: int) -> int:
+        """Windows per optimiser step for calibration batches of ``batch`` windows of ``length`` tokens."""
+        wanted = self.micro_batch if self.micro_batch is not None else DEFAULT_STEP_TOKENS // max(1, length)
+        return max(1, min(batch, wanted))
 
     def session_options(self):
         opts = dict(self.method_options)
@@ -240,17 +257,27 @@ class BlockReconstructor:
         index: int,
         name: str,
         block: nn.Module,
-        call: Callable[[int], Any],
+        call: Callable[[int, slice], Any],
         num_batches: int,
         taps: SubBlockTaps,
         keep_masks: Mapping[str, Tensor] | None,
     ) -> dict[str, Any]:
-        """Train ``block`` (its Linears named ``f"{name}.{rel}"`` in ``keep_masks``) so that ``call(b)``,
-        a forward of the block on batch ``b``, reproduces ``taps.targets[…][b]``. Zeros are kept exactly."""
+        """Train ``block`` (its Linears named ``f"{name}.{rel}"`` in ``keep_masks``) so that
+        ``call(b, rows)``, a forward of the block on windows ``rows`` of batch ``b``, reproduces
+        ``taps.targets[…][b][rows]``. A step is one such micro-batch (``rows_per_step``). Zeros are kept
+        exactly."""
         start = time.perf_counter()
         device = next(block.parameters()).device
         targets = _block_targets(block, name, keep_masks, device)
-        record: dict[str, Any] = {"block": name, "taps": list(taps.paths.values())}
+        first = next(iter(taps.targets.values()))
+        shapes = [tuple(first[b].shape) for b in range(num_batches)]
+        per_step = self.options.rows_per_step(max(s[0] for s in shapes), shapes[0][1])
+        steps_of = [(b, rows) for b, s in enumerate(shapes) for rows in row_chunks(s[0], per_step)]
+        record: dict[str, Any] = {
+            "block": name,
+            "taps": list(taps.paths.values()),
+            "windows_per_step": per_step,
+        }
         was_training = block.training
         block.eval()
         session_cls = SESSIONS[self.options.method][1]
@@ -266,13 +293,14 @@ class BlockReconstructor:
 
                 def order():
                     while True:
-                        yield from torch.randperm(num_batches, generator=gen).tolist()
+                        yield from (steps_of[j] for j in torch.randperm(len(steps_of), generator=gen))
 
-                def loss_fn(b: int) -> Tensor:
+                def loss_fn(step: tuple[int, slice]) -> Tensor:
+                    b, rows = step
                     with taps.live():
-                        call(b)
+                        call(b, rows)
                     outputs, taps.outputs = taps.outputs, {}
-                    return relative_error(outputs, {k: v[b] for k, v in taps.targets.items()})
+                    return relative_error(outputs, {k: v[b][rows] for k, v in taps.targets.items()})
 
                 loop = run(
                     loss_fn,
@@ -308,8 +336,9 @@ class BlockReconstructor:
             "steps_done": sum(b["steps"] for b in self.blocks),
             "seconds": self.seconds,
             "options": {
-                **dataclasses.asdict(self.settings),
+                **{k: v for k, v in dataclasses.asdict(self.settings).items() if k in TRAIN_KEYS},
                 **dataclasses.asdict(self.method_options),
+                "micro_batch": self.options.micro_batch,
                 "distill": 0.0,
             },
             "details": {"blocks": self.blocks},

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmprune.calibration.modules import first_output
+from llmprune.calibration.rows import take_rows
 from llmprune.errors import ConfigError
 from llmprune.recovery import masking
 from llmprune.recovery.blockwise import BlockReconstructor, SubBlockTaps
@@ -70,8 +71,12 @@ def block_outputs(block: nn.Module, calls: list[BlockCall]) -> list[Tensor]:
     return [first_output(block(x, **kw)).detach() for x, kw in calls]
 
 
-def _call(block: nn.Module, calls: list[BlockCall], b: int) -> Any:
-    return block(calls[b][0], **calls[b][1])
+def _call(block: nn.Module, calls: list[BlockCall], b: int, rows: slice = slice(None)) -> Any:
+    hidden, kwargs = calls[b]
+    if rows != slice(None):
+        batch = hidden.shape[0]
+        hidden, kwargs = hidden[rows], take_rows(kwargs, rows, batch)
+    return block(hidden, **kwargs)
 
 
 def _relative(outputs: list[Tensor], targets: list[Tensor]) -> float:
