@@ -267,6 +267,7 @@ class RecoverSection:
     def __post_init__(self) -> None:
         from llmprune.recovery import COMMON_OPTIONS, METHODS, MODES, method_options
         from llmprune.recovery.api import distill_problem
+        from llmprune.recovery.blockwise import micro_batch_problem
 
         if self.method is not None:
             name = _str("recover.method", self.method, optional=False)
@@ -309,6 +310,9 @@ class RecoverSection:
                 )
             if isinstance(value, str):
                 _str(f"recover.options.{key}", value)
+        problem = micro_batch_problem(self.options.get("micro_batch"), self.mode)
+        if problem:
+            raise _fail("recover.options.micro_batch", problem)
 
 
 @dataclass

@@ -180,6 +180,21 @@ def test_reconstruct_mode_matches_dense_blocks_better() -> None:
     assert all(type(m) is nn.Linear for m in block_linears(dense).values())
 
 
+def test_reconstruct_steps_take_micro_batch_windows_and_retrain_refuses_it() -> None:
+    dense = llama()
+    model = copy.deepcopy(dense)
+    magnitude_prune(model)
+    ids = chain_windows()
+    res = recover(
+        model, input_ids=ids, mode="reconstruct", dense_model=dense, steps=2, batch_size=4, micro_batch=1
+    )
+    assert [b["windows_per_step"] for b in res.details["blocks"]] == [1, 1]
+    res = recover(model, input_ids=ids, mode="reconstruct", dense_model=dense, steps=2, batch_size=3)
+    assert [b["windows_per_step"] for b in res.details["blocks"]] == [3, 3]  # default: the batch
+    with pytest.raises(ConfigError, match="retrain's step is batch_size"):
+        recover(model, input_ids=ids, steps=1, micro_batch=2)
+
+
 def test_reconstruct_needs_a_dense_model() -> None:
     model = llama()
     magnitude_prune(model)

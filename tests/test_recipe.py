@@ -114,6 +114,8 @@ eval: {tasks: [llmprune_mc], limit: 0.5}
         ("recover: {method: lift, options: {steps: 4}}", "in the recover section itself"),
         ("recover: {method: perp, distill: 2}", "recover.distill: must be in [0, 1]"),
         ("recover: {method: perp, mode: reconstruct, distill: 1}", "set it to 0 for reconstruct"),
+        ("recover: {method: perp, options: {micro_batch: 2}}", "retrain's step is batch_size"),
+        ("recover: {method: perp, mode: reconstruct, options: {micro_batch: 0}}", "whole number of windows"),
         ("eval: {limit: 1.5}", "fraction in (0, 1)"),
         ("version: 2", "recipe version 1"),
         ("prune: {method: wanda}\nprune: {method: magnitude}", "given twice"),
@@ -220,3 +222,9 @@ def test_every_cli_flag_is_a_recipe_key(command):
     about_the_run |= {"bench"}  # timing the result, not how it prunes
     known = set(FLAG_KEYS) | set(FLAG_KEYS_BY_COMMAND.get(command, {})) | about_the_run
     assert dests - known == set()
+
+
+def test_micro_batch_reaches_fused_recovery(tmp_path):
+    text = "recover: {method: lift, mode: reconstruct, options: {micro_batch: 2}}"
+    fused = load_recipe(_write(tmp_path, text)).fused_recover_kwargs()
+    assert fused["recover"] == "lift" and fused["recover_options"]["micro_batch"] == 2

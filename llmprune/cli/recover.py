@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.preflight import before_loading, check_teacher, check_typed, max_positions
     from llmprune.recovery import RUN_OPTIONS, method_options, recover
     from llmprune.recovery.api import distill_problem
+    from llmprune.recovery.blockwise import micro_batch_problem
 
     s = resolve(args)
     options = parse_options(args.option or [])  # the recipes' YAML scalars: '2:4' stays text
@@ -164,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     problem = distill_problem(s["distill"], s["mode"])
     if problem:
         raise ConfigError(f"--distill {problem}")
+    problem = micro_batch_problem(options.get("micro_batch"), s["mode"])
+    if problem:
+        raise ConfigError(f"--option micro_batch {problem}")
     if s["distill"] and not s["dense_model"]:
         raise ConfigError("--distill needs --dense_model PATH (the dense checkpoint, the teacher).")
     if options.get("hidden_distill") and not s["dense_model"]:

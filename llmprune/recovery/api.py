@@ -123,6 +123,7 @@ def recover(
     hidden_stride: int = 3,
     precision: str = "auto",
     gradient_checkpointing: bool = True,
+    micro_batch: int | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
     **options: Any,
 ) -> RecoveryResult:
@@ -152,6 +153,7 @@ def recover(
     has native bf16 (float32 master weights and merge: :mod:`llmprune.recovery.precision`), else
     float32. ``gradient_checkpointing`` (retrain): recompute each decoder block's activations in
     backward instead of keeping them all (:mod:`llmprune.recovery.checkpointing`).
+    ``micro_batch`` (reconstruct): windows per block-wise step, at most ``batch_size`` (the default).
     ``callback(step, model)`` runs after every optimiser step.
 
     >>> result = recover(model, input_ids=calibration_tokens(None, tok, 64, 256), steps=200)  # doctest: +SKIP
@@ -174,6 +176,9 @@ def recover(
             f"method {method!r} trains the whole model and has no block-wise form: use mode='retrain' "
             f"with it, or mode='reconstruct' with {' or '.join(blockwise.DEFAULT_LR)}."
         )
+    problem = blockwise.micro_batch_problem(micro_batch, mode)
+    if problem:
+        raise ConfigError(f"micro_batch {problem}")
     if mode == "reconstruct" and dense_model is None:
         raise ConfigError(
             "mode='reconstruct' needs dense_model=<a dense copy of the model> to take targets from."
@@ -243,8 +248,11 @@ def recover(
         fields = {k: v for k, v in dataclasses.asdict(settings).items() if k in blockwise.TRAIN_KEYS}
         reconstructor = blockwise.BlockReconstructor(
             blockwise.BlockwiseOptions(
-                method=method, method_options=options, micro_batch=settings.batch_size, **fields
-            ),  # a step is recover()'s batch, as in the end-to-end modes
+                method=method,
+                method_options=options,
+                micro_batch=micro_batch or settings.batch_size,
+                **fields,
+            ),  # by default a step is recover()'s batch, as in the end-to-end modes
             len(masking.decoder_blocks(model)),
         )
         try:
@@ -329,7 +337,14 @@ def recover(
 #: recover()'s keywords on how training runs, with their defaults: ``--option`` keys of every method
 RUN_OPTIONS: dict[str, Any] = {
     key: inspect.signature(recover).parameters[key].default
-    for key in ("precision", "gradient_checkpointing", "teacher_top_k", "hidden_distill", "hidden_stride")
+    for key in (
+        "precision",
+        "gradient_checkpointing",
+        "teacher_top_k",
+        "hidden_distill",
+        "hidden_stride",
+        "micro_batch",
+    )
 }
 
 

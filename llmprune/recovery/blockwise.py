@@ -70,6 +70,18 @@ TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSettings)}
 TRAIN_KEYS -= {"batch_size", "gradient_accumulation_steps"}
 
 
+def micro_batch_problem(value: Any, mode: str = "reconstruct") -> str | None:
+    """What is wrong with a ``micro_batch`` setting (None = nothing): one check for ``prune``'s fused
+    recovery, ``recover()``, the recipe and the CLI, before any model is loaded."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be a whole number of windows >= 1 (or None), got {value!r}."
+    if mode != "reconstruct":
+        return "applies to mode 'reconstruct' (windows per block-wise step); retrain's step is batch_size."
+    return None
+
+
 def sub_block_modules(block: nn.Module) -> dict[str, str]:
     """``{"attention": path, "mlp": path}``: the Linears (paths inside ``block``) whose outputs are the
     attention and MLP outputs.
@@ -173,9 +185,9 @@ class BlockwiseOptions:
     method_options: dict[str, Any] = field(default_factory=dict)  # PerpOptions / LiftOptions keywords
 
     def __post_init__(self) -> None:
-        mb = self.micro_batch
-        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
-            raise ConfigError(f"micro_batch must be a whole number of windows >= 1 (or None), got {mb!r}.")
+        problem = micro_batch_problem(self.micro_batch)
+        if problem:
+            raise ConfigError(f"micro_batch {problem}")
         if self.method not in SESSIONS:
             raise ConfigError(
                 f"unknown recovery method {self.method!r}{did_you_mean(self.method, SESSIONS)}: use "
