@@ -554,7 +554,21 @@ class Recipe:
 
         r, c = self.recover, self.calibration
         source = r.dataset if r.dataset is not None else c.dataset
-        return window_settings(source, r.num_samples, r.max_seq_length, r.seed, c.seed)
+        return window_settings(
+            source, r.num_samples, r.max_seq_length, r.seed, c.seed, self.teacher_seconds()
+        )
+
+    def teacher_seconds(self) -> float | None:
+        """How long the dense model's target pass may run when the windows are llmprune's to choose in
+        a time-budgeted distillation (``recovery.windows.teacher_budget``); None otherwise."""
+        from llmprune.recovery.api import distils_from_topk
+        from llmprune.recovery.windows import teacher_budget
+
+        r = self.recover
+        if r.method is None or r.mode != "retrain":
+            return None
+        kwargs = self.recover_kwargs()
+        return teacher_budget(r.num_samples, r.recover_max_seconds, distils_from_topk(kwargs))
 
     def fused_recover_kwargs(self) -> dict[str, Any]:
         """``recover=``/``recover_options=`` of ``llmprune.api.prune`` for ``mode: reconstruct``, which

@@ -141,9 +141,10 @@ def _training_windows(a: argparse.Namespace, calib: torch.Tensor, tok, model) ->
     what ``llmprune prune --recover`` trains on when given no text (the built-in ``recovery`` corpus)."""
     if not a.windows:
         return torch.cat([calib[:, :256], calib[:, 256:]])  # 64 x 256: each 512-window cut in two
-    from llmprune.recovery.windows import recovery_windows
+    from llmprune.recovery.windows import MAX_WINDOWS, recovery_windows
 
-    return recovery_windows(a.text, tok, model, a.windows, a.window_length, a.windows_seed)
+    count = MAX_WINDOWS if a.windows < 0 else a.windows  # -1: the product's pool, cut by the teacher's time
+    return recovery_windows(a.text, tok, model, count, a.window_length, a.windows_seed)
 
 
 @torch.no_grad()
@@ -193,6 +194,7 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     from llmprune.recovery import recover
     from llmprune.recovery import train as train_module
     from llmprune.recovery.api import dense_targets
+    from llmprune.recovery.windows import NUM_WINDOWS, TEACHER_SHARE
 
     calib, _ = load_data(a.data)
     settings = _settings(a)
@@ -206,10 +208,15 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
         sampled = _sampled_windows(model, tok, a.generated, 256, a.windows_seed)
         row["generate_seconds"] = clock.perf_counter() - t0
         ids = torch.cat([ids, sampled])
-    row["windows"] = list(ids.shape)
     # on the dense weights (no copy), the way `llmprune prune --recover` makes them: top-k and, with
-    # hidden_distill, the block outputs
-    targets = dense_targets(model, ids, {**settings, "teacher_top_k": top_k, "batch_size": a.batch_size})
+    # hidden_distill, the block outputs; --windows -1: for as long as the product's rule gives the pass
+    share = TEACHER_SHARE * a.budget if a.windows < 0 else None
+    targets = dense_targets(
+        model, ids, {**settings, "teacher_top_k": top_k, "batch_size": a.batch_size},
+        max_seconds=share, min_windows=NUM_WINDOWS,
+    )  # fmt: skip
+    ids = targets.input_ids
+    row["windows"] = list(ids.shape)
     teacher_s = clock.perf_counter() - t0
     targets.seconds = teacher_s  # the budget pays all since t0: the sampled windows too, if any
     if a.warm_steps:  # prune again, block-wise recovery fused into the pass (paid from the budget)
@@ -479,7 +486,12 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("bench_out/data"))
     p.add_argument("--out", type=Path, default=Path("bench_out/recovery.json"))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--windows", type=int, default=0, help="e2e: fresh training windows (0: the pruning's)")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=0,
+        help="e2e: fresh training windows (0: the pruning's; -1: as many as the product's time rule buys)",
+    )
     p.add_argument("--window_length", type=int, default=256, help="e2e with --windows: tokens per window")
     p.add_argument("--windows_seed", type=int, default=1, help="seed of the fresh windows (pruning: 0)")
     p.add_argument(

@@ -219,6 +219,27 @@ def test_recovery_that_needs_the_dense_model_gets_a_copy(tiny_checkpoint, capsys
     assert summary["recovery"]["options"]["distill"] == expected
 
 
+def test_a_time_budget_distils_on_more_windows_and_the_recipe_names_them(tiny_checkpoint, capsys, tmp_path):
+    """``--recover_max_seconds`` with distillation: the teacher pass takes its windows from a pool of
+    MAX_WINDOWS for a fifth of the budget (a tiny model gets through all of them), not the 64 of a
+    step-counted run, and the saved recipe names the count so a rerun trains on as many."""
+    import yaml
+
+    from llmprune.recovery.windows import MAX_WINDOWS, NUM_WINDOWS
+
+    folder, text = tiny_checkpoint
+    out = tmp_path / "out"
+    budget = ["--recover", "perp", "--recover_steps", "2", "--recover_max_seconds", "60"]
+    assert main(_args(folder, text, "--skip_eval", *budget, "--output_dir", str(out), "--json")) == 0
+    windows = json.loads(capsys.readouterr().out)["recovery"]["options"]["windows"]
+    assert NUM_WINDOWS < windows <= MAX_WINDOWS
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["recover"]["num_samples"] == windows
+    assert (
+        main(_args(folder, text, "--skip_eval", "--recover", "perp", "--recover_steps", "2", "--json")) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["recovery"]["options"]["windows"] == NUM_WINDOWS
+
+
 def test_distilling_recovery_keeps_no_dense_copy(tiny_checkpoint, capsys, monkeypatch):
     """Catches ``prune --recover`` going back to a deep-copied live teacher (the model twice in memory):
     the dense model's top-k targets are computed before pruning instead."""

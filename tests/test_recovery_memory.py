@@ -118,6 +118,22 @@ def test_dense_targets_follow_the_recover_settings() -> None:
     assert dense_targets(model, ids, {"distill": 0}) is None
 
 
+def test_a_timed_teacher_pass_keeps_the_first_windows_it_reached() -> None:
+    """With ``max_seconds`` the pass stops after the batch that reaches it, once it holds ``min_windows``
+    windows: the targets are then the full pass's first rows, and name those windows as theirs."""
+    model = llama()
+    ids = chain_windows(10)
+    full = topk_targets(model, ids, 5, batch_size=2)
+    settings = {"teacher_top_k": 5, "precision": "float32", "batch_size": 2}
+    cut = dense_targets(model, ids, settings, max_seconds=0.0, min_windows=3)  # reached at once
+    assert torch.equal(cut.input_ids, ids[:4])  # batches of 2: the one that reached 3 windows ends it
+    assert torch.equal(cut.indices, full.indices[:4])
+    torch.testing.assert_close(cut.probs, full.probs[:4])
+    torch.testing.assert_close(cut.rest, full.rest[:4])
+    late = dense_targets(model, ids, settings, max_seconds=1e6, min_windows=3)
+    assert torch.equal(late.input_ids, ids)  # a budget not reached: every window
+
+
 def test_bad_precision_fails_before_work() -> None:
     model = llama()
     magnitude_prune(model)

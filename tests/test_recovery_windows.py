@@ -90,6 +90,24 @@ def test_recover_cli_draws_other_windows_than_its_seed(tmp_path, text_file, caps
     assert seen == {"seed": 1, "num": 64}
 
 
+def test_recover_cli_with_a_budget_and_a_teacher_draws_the_pool(tmp_path, text_file, capsys):
+    """``llmprune recover --dense_model D --recover_max_seconds T``: the teacher pass takes up to
+    MAX_WINDOWS windows for a fifth of T (a tiny model gets through more than 64), and the saved recipe
+    names the count it trained on."""
+    import yaml
+
+    model, tok = tiny_lm(max_positions=64)
+    folder, out = tmp_path / "m", tmp_path / "out"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = ["recover", "--model", str(folder), "--dense_model", str(folder), "--dataset", str(text_file)]
+    args += ["--recover_steps", "1", "--recover_max_seconds", "60", "--max_seq_length", "32"]
+    assert main([*args, "--skip_eval", "--output_dir", str(out), "--json"]) == 0
+    windows = json.loads(capsys.readouterr().out)["recovery"]["options"]["windows"]
+    assert win.NUM_WINDOWS < windows <= win.MAX_WINDOWS
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["recover"]["num_samples"] == windows
+
+
 def test_recovery_window_longer_than_the_model_fails_before_loading(tmp_path, text_file, capsys, monkeypatch):
     """Checked with the recipe, not after the dense scoring and the pruning."""
     import llmprune
@@ -108,3 +126,19 @@ def test_recovery_window_longer_than_the_model_fails_before_loading(tmp_path, te
     assert main([*args, "--recipe", str(recipe), "--skip_eval"]) == 2
     err = capsys.readouterr().err
     assert "recover.max_seq_length 65 exceeds the model's 64 positions" in err
+
+
+@pytest.mark.parametrize(
+    ("recover", "teacher_s", "windows"),
+    [
+        ("{method: perp, recover_max_seconds: 600}", 120.0, win.MAX_WINDOWS),  # time-budgeted distillation
+        ("{method: perp, recover_max_seconds: 600, num_samples: 32}", None, 32),  # the user's count
+        ("{method: perp, recover_steps: 50}", None, win.NUM_WINDOWS),  # steps, not time
+        ("{method: perp, recover_max_seconds: 600, distill: 0}", None, win.NUM_WINDOWS),  # no teacher pass
+        ("{method: perp, recover_max_seconds: 600, options: {teacher_top_k: null}}", None, win.NUM_WINDOWS),
+    ],
+)
+def test_a_time_budget_buys_windows_only_for_the_teacher_pass(recover, teacher_s, windows) -> None:
+    recipe = recipe_from_yaml(f"recover: {recover}\n")
+    assert recipe.teacher_seconds() == teacher_s
+    assert recipe.recover_windows_kwargs()["num_samples"] == windows

@@ -145,8 +145,16 @@ def run(args: argparse.Namespace) -> int:
         recover_ids = recovery_windows(tokenizer=tok, model=model, **recipe.recover_windows_kwargs())
     if keep_dense and recipe.recover.mode == "retrain":  # distillation: the dense model's targets, now
         from llmprune.recovery.api import dense_targets
+        from llmprune.recovery.windows import NUM_WINDOWS
 
-        targets = dense_targets(model, recover_ids, recipe.recover_kwargs())
+        targets = dense_targets(
+            model,
+            recover_ids,
+            recipe.recover_kwargs(),
+            max_seconds=recipe.teacher_seconds(),
+            min_windows=NUM_WINDOWS,
+        )
+        recover_ids = recover_ids if targets is None else targets.input_ids  # a budget may use fewer
     teacher = copy.deepcopy(model) if keep_dense and targets is None else None  # live teacher, reconstruct
     t0 = time.perf_counter()
     result = llmprune.prune(
@@ -169,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if recipe.output_dir:
         from llmprune.io.save import save_pruned
 
-        recipe = _resolved_sizes(recipe, result)
+        recipe = _resolved_sizes(recipe, result, recovery if recipe.recover.mode == "retrain" else None)
         metrics = {"perplexity": _ppl_metric(summary, recipe), "lm_eval": summary["lm_eval"]}
         save_pruned(
             model,
@@ -292,14 +300,17 @@ def _sizes_from_config(recipe):
     return recipe.with_overrides(sizes) if sizes else recipe
 
 
-def _resolved_sizes(recipe, result):
-    """The saved recipe names the calibration sizes the run used, not ``null`` (= sized at run time)."""
+def _resolved_sizes(recipe, result, recovery=None):
+    """The saved recipe names the calibration sizes the run used, not ``null`` (= sized at run time), and
+    the recovery windows it trained on (a time budget picks their number at run time)."""
     sizes = {
         "calibration.num_calibration_samples": recipe.calibration.num_calibration_samples
         or result.num_calibration_samples
         or None,
         "calibration.max_seq_length": recipe.calibration.max_seq_length or result.max_seq_length or None,
     }
+    if recovery is not None and recipe.recover.num_samples is None:
+        sizes["recover.num_samples"] = recovery.options["windows"]
     return recipe.with_overrides(sizes)
 
 

@@ -16,7 +16,14 @@ from llmprune.cli.flags import EVAL_LIMIT_HELP, eval_limit
 from llmprune.cli.table import render_table
 from llmprune.io.models import DEFAULT_MODEL
 from llmprune.recipe import parse_options
-from llmprune.recovery.windows import NUM_WINDOWS, SEED_OFFSET, recovery_windows
+from llmprune.recovery.windows import (
+    MAX_WINDOWS,
+    NUM_WINDOWS,
+    SEED_OFFSET,
+    TEACHER_SHARE,
+    recovery_windows,
+    teacher_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "dense_model": None,
     "distill": None,  # None: 1 with --dense_model (retrain), else 0
     "dataset": None,
-    "num_calibration_samples": NUM_WINDOWS,
+    "num_calibration_samples": None,  # None: NUM_WINDOWS, or what a time-budgeted distillation buys
     "max_seq_length": None,  # None: 256, or the model's positions if fewer
     "seed": 0,
     "recover_steps": None,  # None: 100 (retrain), per block blockwise.DEFAULT_STEPS (reconstruct)
@@ -86,7 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--dataset", help="training text: file, folder, Hub dataset, c4 (default: built-in recovery text)"
     )
-    g.add_argument("--num_calibration_samples", type=int, help=f"training windows (default {NUM_WINDOWS})")
+    g.add_argument(
+        "--num_calibration_samples",
+        type=int,
+        help=f"training windows (default {NUM_WINDOWS}; with --recover_max_seconds and --dense_model, as "
+        f"many as {TEACHER_SHARE:.0%} of the budget's teacher pass buys)",
+    )
     g.add_argument("--max_seq_length", type=int, help="tokens per window (default 256, at most the model's)")
     g.add_argument(
         "--seed",
@@ -150,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.io.models import load_model
     from llmprune.preflight import before_loading, check_teacher, check_typed, max_positions
     from llmprune.recovery import RUN_OPTIONS, method_options, recover
-    from llmprune.recovery.api import distill_problem
+    from llmprune.recovery.api import dense_targets, distill_problem, distils_from_topk
     from llmprune.recovery.blockwise import micro_batch_problem
 
     s = resolve(args)
@@ -199,15 +211,15 @@ def run(args: argparse.Namespace) -> int:
         )
 
     before = measure()
-    ids = recovery_windows(
-        s["dataset"], tok, model, s["num_calibration_samples"], s["max_seq_length"], s["seed"] + SEED_OFFSET
-    )
     kwargs, targets = recover_kwargs(s, options), None
+    distils = dense is not None and distils_from_topk(kwargs)
+    teacher_s = teacher_budget(s["num_calibration_samples"], s["recover_max_seconds"], distils)
+    count = s["num_calibration_samples"] or (NUM_WINDOWS if teacher_s is None else MAX_WINDOWS)
+    ids = recovery_windows(s["dataset"], tok, model, count, s["max_seq_length"], s["seed"] + SEED_OFFSET)
     if dense is not None and s["mode"] == "retrain":
-        from llmprune.recovery.api import dense_targets
-
-        targets = dense_targets(dense, ids, kwargs)
+        targets = dense_targets(dense, ids, kwargs, max_seconds=teacher_s, min_windows=NUM_WINDOWS)
         dense = dense if targets is None else None  # the targets replace the teacher: freed before training
+        ids = ids if targets is None else targets.input_ids  # a budget may use fewer
     result = recover(
         model,
         input_ids=ids,
@@ -228,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
     if s["output_dir"]:
         from llmprune.io.save import save_pruned
 
+        s["num_calibration_samples"] = result.options["windows"]  # resolved: reruns train on as many
         recipe = _recipe(s, options, distill=result.options["distill"], steps=result.options["steps"])
         metrics = None
         if after is not None:

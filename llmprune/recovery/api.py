@@ -329,6 +329,8 @@ def recover(
             "teacher_top_k": teacher.k if isinstance(teacher, TopKTargets) else None,
             "hidden_distill": hidden_distill,
             "hidden_blocks": list(hidden_blocks),
+            "windows": int(input_ids.shape[0]),
+            "window_length": int(input_ids.shape[1]),
         },
         details=details,
     )
@@ -348,20 +350,37 @@ RUN_OPTIONS: dict[str, Any] = {
 }
 
 
-def dense_targets(model: nn.Module, input_ids: Tensor, recover_kwargs: dict[str, Any]) -> TopKTargets | None:
+def distils_from_topk(recover_kwargs: dict[str, Any]) -> bool:
+    """Whether ``recover(**recover_kwargs)`` with a dense model at hand trains on precomputed top-k
+    targets (retrain, distillation on, ``teacher_top_k`` not None): what ``dense_targets`` computes."""
+    k = recover_kwargs.get("teacher_top_k", DEFAULT_TEACHER_TOP_K)
+    mode = recover_kwargs.get("mode") or "retrain"
+    return k is not None and recover_kwargs.get("distill") != 0 and mode == "retrain"
+
+
+def dense_targets(
+    model: nn.Module,
+    input_ids: Tensor,
+    recover_kwargs: dict[str, Any],
+    *,
+    max_seconds: float | None = None,
+    min_windows: int = 0,
+) -> TopKTargets | None:
     """The dense ``model``'s top-k targets for a later ``recover(**recover_kwargs)``: computed before
     pruning (``llmprune prune --recover``), so no dense copy is kept, or from a loaded dense checkpoint
     that can then be freed (``llmprune recover --dense_model``); None when those settings want a live
-    teacher (``teacher_top_k=None``) or no distillation (``distill=0``)."""
-    k = recover_kwargs.get("teacher_top_k", DEFAULT_TEACHER_TOP_K)
-    if k is None or recover_kwargs.get("distill") == 0:
+    teacher (``teacher_top_k=None``) or no distillation (``distill=0``). ``max_seconds``/``min_windows``:
+    stop early, on the first windows (``recovery.windows.teacher_budget``; train on
+    ``targets.input_ids`` then)."""
+    if not distils_from_topk(recover_kwargs):
         return None
+    k = recover_kwargs.get("teacher_top_k", DEFAULT_TEACHER_TOP_K)
     batch_size = recover_kwargs.get("batch_size") or TrainSettings.batch_size
     precision = recover_kwargs.get("precision", RUN_OPTIONS["precision"])
     weight = recover_kwargs.get("hidden_distill", RUN_OPTIONS["hidden_distill"])
     stride = recover_kwargs.get("hidden_stride", RUN_OPTIONS["hidden_stride"])
     blocks = _hidden_blocks(model, weight, stride, "retrain", model, None)
-    return _teacher_pass(model, input_ids, k, batch_size, precision, blocks)
+    return _teacher_pass(model, input_ids, k, batch_size, precision, blocks, max_seconds, min_windows)
 
 
 def _teacher_pass(
@@ -371,10 +390,14 @@ def _teacher_pass(
     batch_size: int,
     precision: str,
     hidden_blocks: tuple[int, ...] = (),
+    max_seconds: float | None = None,
+    min_windows: int = 0,
 ) -> TopKTargets:
     """The dense model's top-k targets (and block outputs), computed in the precision training uses."""
     with autocast(precision, next(teacher.parameters()).device):
-        return topk_targets(teacher, input_ids, k, batch_size, hidden_blocks)
+        return topk_targets(
+            teacher, input_ids, k, batch_size, hidden_blocks, max_seconds=max_seconds, min_windows=min_windows
+        )
 
 
 def _hidden_blocks(

@@ -59,10 +59,22 @@ class TopKTargets:
 
 @torch.no_grad()
 def topk_targets(
-    teacher: nn.Module, input_ids: Tensor, k: int, batch_size: int = 4, hidden_blocks: tuple[int, ...] = ()
+    teacher: nn.Module,
+    input_ids: Tensor,
+    k: int,
+    batch_size: int = 4,
+    hidden_blocks: tuple[int, ...] = (),
+    *,
+    max_seconds: float | None = None,
+    min_windows: int = 0,
 ) -> TopKTargets:
     """Run ``teacher`` once over ``input_ids`` (N, L) and keep the top-``k`` next-token probabilities,
-    and the outputs of the decoder blocks numbered ``hidden_blocks`` (none by default)."""
+    and the outputs of the decoder blocks numbered ``hidden_blocks`` (none by default).
+
+    With ``max_seconds`` the pass stops after the batch that reaches it, once it holds at least
+    ``min_windows`` windows: the targets (and their ``input_ids``) are then the first windows only, as
+    many as that time bought (a time-budgeted recovery draws more windows than it can use).
+    """
     if k < 1:
         raise ConfigError(f"teacher_top_k must be >= 1 (or None for a live teacher), got {k}.")
     start = time.perf_counter()
@@ -85,9 +97,13 @@ def topk_targets(
             others = log_p.scatter_(-1, top.indices, float("-inf"))  # in place: log_p is not used again
             rest.append(torch.logsumexp(others, dim=-1).exp().cpu())  # (B, L); exactly 0 when k = V
             del log_p, others
+            done = sum(len(r) for r in rest)
+            if max_seconds is not None and done >= min_windows and time.perf_counter() - start >= max_seconds:
+                break
     finally:
         teacher.train(was_training)
-    targets = TopKTargets(input_ids, torch.cat(indices), torch.cat(probs), torch.cat(rest))
+    done = sum(len(r) for r in rest)
+    targets = TopKTargets(input_ids[:done], torch.cat(indices), torch.cat(probs), torch.cat(rest))
     if hidden_blocks:
         targets.hidden, targets.hidden_blocks = torch.cat(hidden), tuple(hidden_blocks)
     targets.seconds = time.perf_counter() - start

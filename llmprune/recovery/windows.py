@@ -32,20 +32,44 @@ NUM_WINDOWS = 64
 #: tokens per training window (capped by the model's positions). Windows of the evaluation's 512 tokens, at
 #: the same tokens per step (32 x 512, batch 2), were no better on the validation part (seventh round)
 WINDOW_LENGTH = 256
+#: a time-budgeted distillation (``max_seconds``, top-k targets, windows not set by the user) draws up to
+#: MAX_WINDOWS windows and computes the dense model's targets on as many as TEACHER_SHARE of the budget
+#: buys (at least NUM_WINDOWS): about one pass over fresh windows instead of a dozen over 64. Chosen on
+#: the validation part at 10 minutes, both cores (docs/benchmarks.md, "Ninth round"): SparseGPT 50 %
+#: closed 47 / 51 / 52 % of the gap with 64 / 192 / 384 windows (teacher pass 20 / 62 / 123 s, i.e. a
+#: fifth of the budget at 384); TEACHER_SHARE = 0.2 is that 384 on this machine and scales with its speed
+TEACHER_SHARE = 0.2
+MAX_WINDOWS = 1024
 #: recovery draws with the calibration seed plus this, so its windows are not the pruning's
 SEED_OFFSET = 1
 #: the built-in corpus recovery trains on when neither a recovery nor a calibration text is given
 DEFAULT_TEXT = "recovery"
 
 
+def teacher_budget(num_samples: int | None, max_seconds: float | None, distils: bool) -> float | None:
+    """Seconds the teacher pass may take when the windows are left to llmprune in a time-budgeted
+    distillation (then draw :data:`MAX_WINDOWS`); None: draw the windows asked for, all of them used."""
+    if num_samples is not None or max_seconds is None or not distils:
+        return None
+    return TEACHER_SHARE * max_seconds
+
+
 def window_settings(
-    source: Any, num_samples: int | None, seq_len: int | None, seed: int | None, calibration_seed: int
+    source: Any,
+    num_samples: int | None,
+    seq_len: int | None,
+    seed: int | None,
+    calibration_seed: int,
+    teacher_seconds: float | None = None,
 ) -> dict[str, Any]:
     """``calibration_tokens`` arguments of the recovery windows: what the user set, else the defaults
-    above (``seq_len`` None stays None: it is capped per model by :func:`recovery_windows`)."""
+    above (``seq_len`` None stays None: it is capped per model by :func:`recovery_windows`); with a
+    ``teacher_budget`` the pool of :data:`MAX_WINDOWS` the teacher pass takes its windows from."""
+    if num_samples is None:
+        num_samples = NUM_WINDOWS if teacher_seconds is None else MAX_WINDOWS
     return {
         "source": DEFAULT_TEXT if source is None else source,
-        "num_samples": NUM_WINDOWS if num_samples is None else num_samples,
+        "num_samples": num_samples,
         "seq_len": seq_len,
         "seed": calibration_seed + SEED_OFFSET if seed is None else seed,
     }
