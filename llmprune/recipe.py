@@ -547,16 +547,16 @@ class Recipe:
             "seed": self.calibration.seed,
         }
 
-    def recover_windows_kwargs(self) -> dict[str, Any]:
+    def recover_windows_kwargs(self, timed_teacher: bool = True) -> dict[str, Any]:
         """``source``, ``num_samples``, ``seq_len`` (None: 256, capped per model) and ``seed`` of the
-        recovery windows, for ``llmprune.recovery.windows.recovery_windows``."""
+        recovery windows, for ``llmprune.recovery.windows.recovery_windows``. ``timed_teacher=False``:
+        the caller runs no timed teacher pass, so no pool is drawn (:meth:`teacher_seconds`)."""
         from llmprune.recovery.windows import window_settings
 
         r, c = self.recover, self.calibration
         source = r.dataset if r.dataset is not None else c.dataset
-        return window_settings(
-            source, r.num_samples, r.max_seq_length, r.seed, c.seed, self.teacher_seconds()
-        )
+        teacher_s = self.teacher_seconds() if timed_teacher else None
+        return window_settings(source, r.num_samples, r.max_seq_length, r.seed, c.seed, teacher_s)
 
     def teacher_seconds(self) -> float | None:
         """How long the dense model's target pass may run when the windows are llmprune's to choose in
@@ -568,7 +568,7 @@ class Recipe:
         if r.method is None or r.mode != "retrain":
             return None
         kwargs = self.recover_kwargs()
-        return teacher_budget(r.num_samples, r.recover_max_seconds, distils_from_topk(kwargs))
+        return teacher_budget(r.method, r.num_samples, r.recover_max_seconds, distils_from_topk(kwargs))
 
     def fused_recover_kwargs(self) -> dict[str, Any]:
         """``recover=``/``recover_options=`` of ``llmprune.api.prune`` for ``mode: reconstruct``, which

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     before = measure()
     kwargs, targets = recover_kwargs(s, options), None
     distils = dense is not None and distils_from_topk(kwargs)
-    teacher_s = teacher_budget(s["num_calibration_samples"], s["recover_max_seconds"], distils)
+    teacher_s = teacher_budget(s["method"], s["num_calibration_samples"], s["recover_max_seconds"], distils)
     count = s["num_calibration_samples"] or (NUM_WINDOWS if teacher_s is None else MAX_WINDOWS)
     ids = recovery_windows(s["dataset"], tok, model, count, s["max_seq_length"], s["seed"] + SEED_OFFSET)
     if dense is not None and s["mode"] == "retrain":
