@@ -51,7 +51,7 @@ from llmprune.calibration.data import tokens_hash
 from llmprune.calibration.distributed import Comm, current_comm
 from llmprune.calibration.modules import WeightView, find_blocks, prunable_linears
 from llmprune.calibration.resume import Progress, run_fingerprint
-from llmprune.calibration.rows import take_rows
+from llmprune.calibration.rows import cut_call
 from llmprune.calibration.stats import StatsAccumulator
 from llmprune.errors import ConfigError
 from llmprune.preflight import check_world
@@ -250,11 +250,7 @@ def _add_per_sample(acc: StatsAccumulator, name: str, xs: list[Tensor], hidden: 
 def _call_batch(block: nn.Module, inputs: BlockInputs, b: int, rows: slice = slice(None)) -> Tensor:
     """The block's output on windows ``rows`` of calibration batch ``b`` (what block-wise recovery
     trains on, a micro-batch per step)."""
-    hidden, args, kwargs = inputs.hidden[b], inputs.args[b], inputs.kwargs[b]
-    if rows != slice(None):
-        batch = hidden.shape[0]
-        hidden, args, kwargs = hidden[rows], take_rows(args, rows, batch), take_rows(kwargs, rows, batch)
-    return call_block(block, hidden, args, kwargs)
+    return call_block(block, *cut_call(rows, inputs.hidden[b], inputs.args[b], inputs.kwargs[b]))
 
 
 def _module_seed(seed: int, name: str) -> int:

@@ -29,6 +29,15 @@ def take_rows(value: Any, rows: slice, batch: int) -> Any:
     return value
 
 
+def cut_call(rows: slice, hidden: Tensor, *rest: Any) -> tuple[Any, ...]:
+    """``(hidden, *rest)`` of one captured call (hidden states first, then its other arguments) cut to
+    windows ``rows``; passed through as they are when ``rows`` is every window."""
+    if rows == slice(None):
+        return (hidden, *rest)
+    batch = hidden.shape[0]
+    return (hidden[rows], *(take_rows(part, rows, batch) for part in rest))
+
+
 def row_chunks(batch: int, per_step: int) -> list[slice]:
     """``batch`` windows cut into consecutive slices of ``per_step`` (the last may be shorter); one slice
     of everything when ``per_step`` covers the batch, so a call is then passed through uncut."""

@@ -17,12 +17,12 @@ from llmprune.cli.table import render_table
 from llmprune.io.models import DEFAULT_MODEL
 from llmprune.recipe import parse_options
 from llmprune.recovery.windows import (
-    MAX_WINDOWS,
     NUM_WINDOWS,
     SEED_OFFSET,
     TEACHER_SHARE,
     recovery_windows,
     teacher_budget,
+    window_count,
 )
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs, targets = recover_kwargs(s, options), None
     distils = dense is not None and distils_from_topk(kwargs)
     teacher_s = teacher_budget(s["method"], s["num_calibration_samples"], s["recover_max_seconds"], distils)
-    count = s["num_calibration_samples"] or (NUM_WINDOWS if teacher_s is None else MAX_WINDOWS)
+    count = window_count(s["num_calibration_samples"], teacher_s)
     ids = recovery_windows(s["dataset"], tok, model, count, s["max_seq_length"], s["seed"] + SEED_OFFSET)
     if dense is not None and s["mode"] == "retrain":
         targets = dense_targets(dense, ids, kwargs, max_seconds=teacher_s, min_windows=NUM_WINDOWS)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmprune.calibration.modules import first_output
-from llmprune.calibration.rows import take_rows
+from llmprune.calibration.rows import cut_call
 from llmprune.errors import ConfigError
 from llmprune.recovery import masking
 from llmprune.recovery.blockwise import BlockReconstructor, SubBlockTaps
@@ -72,10 +72,7 @@ def block_outputs(block: nn.Module, calls: list[BlockCall]) -> list[Tensor]:
 
 
 def _call(block: nn.Module, calls: list[BlockCall], b: int, rows: slice = slice(None)) -> Any:
-    hidden, kwargs = calls[b]
-    if rows != slice(None):
-        batch = hidden.shape[0]
-        hidden, kwargs = hidden[rows], take_rows(kwargs, rows, batch)
+    hidden, kwargs = cut_call(rows, *calls[b])
     return block(hidden, **kwargs)
 
 

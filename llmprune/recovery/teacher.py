@@ -82,6 +82,7 @@ def topk_targets(
     was_training = teacher.training
     teacher.eval()
     indices, probs, rest, hidden = [], [], [], []
+    done = 0  # windows with targets so far
     taps = BlockOutputs(teacher, hidden_blocks)
     try:
         for batch in input_ids.split(batch_size):
@@ -97,12 +98,11 @@ def topk_targets(
             others = log_p.scatter_(-1, top.indices, float("-inf"))  # in place: log_p is not used again
             rest.append(torch.logsumexp(others, dim=-1).exp().cpu())  # (B, L); exactly 0 when k = V
             del log_p, others
-            done = sum(len(r) for r in rest)
+            done += len(batch)
             if max_seconds is not None and done >= min_windows and time.perf_counter() - start >= max_seconds:
                 break
     finally:
         teacher.train(was_training)
-    done = sum(len(r) for r in rest)
     targets = TopKTargets(input_ids[:done], torch.cat(indices), torch.cat(probs), torch.cat(rest))
     if hidden_blocks:
         targets.hidden, targets.hidden_blocks = torch.cat(hidden), tuple(hidden_blocks)

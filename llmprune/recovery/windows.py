@@ -66,6 +66,13 @@ def teacher_budget(
     return TEACHER_SHARE * max_seconds
 
 
+def window_count(num_samples: int | None, teacher_seconds: float | None) -> int:
+    """Windows to draw: the user's count, else the pool of a timed teacher pass, else NUM_WINDOWS."""
+    if num_samples is not None:
+        return num_samples
+    return NUM_WINDOWS if teacher_seconds is None else MAX_WINDOWS
+
+
 def window_settings(
     source: Any,
     num_samples: int | None,
@@ -77,11 +84,9 @@ def window_settings(
     """``calibration_tokens`` arguments of the recovery windows: what the user set, else the defaults
     above (``seq_len`` None stays None: it is capped per model by :func:`recovery_windows`); with a
     ``teacher_budget`` the pool of :data:`MAX_WINDOWS` the teacher pass takes its windows from."""
-    if num_samples is None:
-        num_samples = NUM_WINDOWS if teacher_seconds is None else MAX_WINDOWS
     return {
         "source": DEFAULT_TEXT if source is None else source,
-        "num_samples": num_samples,
+        "num_samples": window_count(num_samples, teacher_seconds),
         "seq_len": seq_len,
         "seed": calibration_seed + SEED_OFFSET if seed is None else seed,
     }
