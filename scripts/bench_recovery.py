@@ -255,6 +255,7 @@ def e2e_job(a: argparse.Namespace, method: str, sparsity: str, out: Path, row: d
     )  # fmt: skip  (recover() pays the teacher pass, targets.seconds, from max_seconds)
     row.update(seconds=info.seconds + targets.seconds, train_seconds=info.seconds, teacher_seconds=teacher_s)
     row.update(steps=info.steps_done, trainable=info.trainable_params, lr=info.options["lr"])
+    row["losses"] = info.losses  # the first says how far the pruned model starts from the dense one
     row.update(precision=info.options["precision"], top_k=top_k, snapshots=snaps)
     row.update(gradient_checkpointing=info.options["gradient_checkpointing"])
     row["peak_rss_mib"] = _peak_rss_mib()

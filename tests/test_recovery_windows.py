@@ -136,7 +136,8 @@ def test_recovery_window_longer_than_the_model_fails_before_loading(tmp_path, te
         ("{method: perp, recover_steps: 50}", None, win.NUM_WINDOWS),  # steps, not time
         ("{method: perp, recover_max_seconds: 600, distill: 0}", None, win.NUM_WINDOWS),  # no teacher pass
         ("{method: perp, recover_max_seconds: 600, options: {teacher_top_k: null}}", None, win.NUM_WINDOWS),
-        ("{method: lift, recover_max_seconds: 600}", None, win.NUM_WINDOWS),  # measured for PERP only
+        ("{method: lift, recover_max_seconds: 600}", 120.0, win.MAX_WINDOWS),  # measured for LIFT too
+        ("{method: full, recover_max_seconds: 600}", None, win.NUM_WINDOWS),  # not measured for full
     ],
 )
 def test_a_time_budget_buys_windows_only_for_the_teacher_pass(recover, teacher_s, windows) -> None:

@@ -96,8 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--num_calibration_samples",
         type=int,
-        help=f"training windows (default {NUM_WINDOWS}; with --recover_max_seconds and --dense_model, as "
-        f"many as {TEACHER_SHARE:.0%} of the budget's teacher pass buys)",
+        help=f"training windows (default {NUM_WINDOWS}; with --recover_max_seconds and --dense_model (perp, "
+        f"lift), as many as {TEACHER_SHARE:.0%} of the budget's teacher pass buys)",
     )
     g.add_argument("--max_seq_length", type=int, help="tokens per window (default 256, at most the model's)")
     g.add_argument(
